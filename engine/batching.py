@@ -1,0 +1,91 @@
+"""Continuous batching: keep every decode slot busy, refilling finished slots from the queue.
+
+Works on anything with the engine contract (prefill / insert / generate / init_decode_state,
+`batch_size`, `max_seq_len`), so the loop is tested against the arithmetic MockEngine in
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+from shardlm.engine.sampling import SamplingParams
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stop_ids: frozenset[int] = frozenset()  # the model's own stop tokens (EOS, end of turn)
+    key: object = None  # caller's handle, passed back in Result
+
+
+@dataclass
+class Result:
+    key: object
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)  # generated, without the stop token
+    finish_reason: str | None = None  # "stop" or "length"
+
+
+def _stops(req: Request) -> frozenset[int]:
+    own = frozenset() if req.sampling.ignore_eos else req.stop_ids
+    return own | frozenset(req.sampling.stop_token_ids)
+
+
+def _accept(result: Result, req: Request, token: int, max_seq_len: int) -> bool:
+    """Take one sampled token; return True when the request is finished."""
+    if token in _stops(req):
+        result.finish_reason = "stop"
+        return True
+    result.token_ids.append(token)
+    if len(result.token_ids) >= req.sampling.max_new_tokens or len(req.prompt_ids) + len(result.token_ids) >= max_seq_len:
+        result.finish_reason = "length"
+        return True
+    return False
+
+
+def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result], None] | None = None,
+        on_step: Callable[[int], None] | None = None) -> list[Result]:
+    """Generate for every request; results in request order. `on_result` sees each as it finishes,
+    `on_step(n_tokens)` each decode step."""
+    requests = list(requests)
+    results = [Result(r.key, list(r.prompt_ids)) for r in requests]
+    queue = collections.deque(range(len(requests)))
+    slots: list[int | None] = [None] * engine.batch_size
+    state = engine.init_decode_state()
+
+    def finish(i: int):
+        if on_result is not None:
+            on_result(results[i])
+
+    while queue or any(s is not None for s in slots):
+        for slot in range(engine.batch_size):
+            while slots[slot] is None and queue:
+                i = queue.popleft()
+                req = requests[i]
+                prefix = engine.prefill(params, req.prompt_ids, req.sampling)
+                if _accept(results[i], req, int(prefix.token), engine.max_seq_len):
+                    finish(i)
+                    continue
+                state = engine.insert(prefix, state, slot, req.sampling)
+                slots[slot] = i
+        if all(s is None for s in slots):
+            continue
+        state, tokens = engine.generate(params, state)
+        tokens = np.asarray(tokens)
+        n_active = 0
+        for slot, i in enumerate(slots):
+            if i is None:
+                continue
+            n_active += 1
+            if _accept(results[i], requests[i], int(tokens[slot]), engine.max_seq_len):
+                slots[slot] = None
+                finish(i)
+        if on_step is not None:
+            on_step(n_active)
+    return results

@@ -1,0 +1,97 @@
+"""What a user holds: `LLM.load(model)` and `LLM.generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+
+from shardlm.checkpoints import loader
+from shardlm.checkpoints.tokenizer import Tokenizer
+from shardlm.engine import batching
+from shardlm.engine.engine import Engine
+from shardlm.engine.sampling import SamplingParams
+
+DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+def parse_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # generated ids, without the stop token
+    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens or the context is full)
+    prompt_token_ids: list[int]
+
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    def __init__(self, loaded: loader.LoadedModel, engine: Engine):
+        self.config = loaded.config
+        self.tokenizer: Tokenizer | None = loaded.tokenizer
+        self.source = loaded.source
+        self.engine = engine
+        self.params = engine.params
+
+    @classmethod
+    def load(cls, model: str | None = None, *, dtype: str = "float32", batch_size: int = 8,
+             max_seq_len: int = 1024, progress: Callable[[int], None] | None = None) -> "LLM":
+        """Load a GGUF file (None: the embedded SmolLM2-135M-Instruct).
+
+        batch_size is the number of decode slots; max_seq_len the tokens (prompt plus generated)
+        each slot holds, capped at the model's context length.
+        """
+        loaded = loader.load(model, dtype=parse_dtype(dtype), progress=progress)
+        max_seq_len = min(max_seq_len, loaded.config.max_seq_len)
+        engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=max_seq_len)
+        return cls(loaded, engine)
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.stop_token_ids) if self.tokenizer else frozenset()
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        """Text (optionally as one user turn of the chat template) or token ids -> token ids."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: give some text or token ids")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: give token ids instead of text")
+            if chat:
+                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            ids = self.tokenizer.encode(prompt)
+        else:
+            if chat:
+                raise ValueError("chat=True needs text prompts, not token ids")
+            ids = [int(t) for t in prompt]
+        self.engine.check_prompt(ids)
+        return ids
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, chat: bool = False, on_step: Callable[[int], None] | None = None) -> list[Completion]:
+        """Complete each prompt (text or token ids); one SamplingParams for all or one per prompt."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        sampling = sampling or SamplingParams()
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError(f"{len(sampling)} SamplingParams for {len(prompts)} prompts")
+        requests = [batching.Request(self.encode(p, chat), sp, self.stop_token_ids, key=i)
+                    for i, (p, sp) in enumerate(zip(prompts, sampling))]
+        results = batching.run(self.engine, self.params, requests, on_step=on_step)
+        return [Completion(text=self.decode(r.token_ids), token_ids=r.token_ids, finish_reason=r.finish_reason,
+                           prompt_token_ids=r.prompt_ids) for r in results]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer else ""

@@ -1,0 +1,79 @@
+"""Per-request sampling parameters, and the per-row sampler that runs inside the jitted step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. temperature 0 is greedy (top_k/top_p then do nothing).
+
+    top_k 0 and top_p 1.0 disable those filters. `stop_token_ids` are added to the model's own stop
+    tokens (its EOS and end-of-turn token) unless `ignore_eos` is set, which benchmarks use to
+    generate exactly `max_new_tokens`.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+    """A PRNG key per row from its request seed and the position of the token being sampled, so a
+    request samples the same tokens whichever slot and batch it runs in."""
+    return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.PRNGKey(s), p))(seeds, positions)
+
+
+def filtered_logits(logits, temperature, top_k, top_p):
+    """logits [B,V] f32 -> (sorted-descending logits with filtered entries at -inf, sort order).
+
+    temperature [B] > 0, top_k [B] (0: off), top_p [B] (1: off). top-p keeps the smallest set of
+    most likely tokens whose probability reaches top_p (always at least one).
+    """
+    V = logits.shape[-1]
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1) / temperature[:, None]
+    ranks = jnp.arange(V)[None, :]
+    k = jnp.where(top_k > 0, top_k, V)[:, None]
+    sorted_logits = jnp.where(ranks < k, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(mass_before < top_p[:, None], sorted_logits, -jnp.inf)
+    return sorted_logits, order
+
+
+def sample(logits, temperature, top_k, top_p, keys):
+    """Per-row token choice. logits [B,V]; temperature/top_k/top_p [B]; keys [B,2] -> tokens [B]."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def stochastic(_):
+        safe_t = jnp.where(temperature > 0, temperature, 1.0)
+        sorted_logits, order = filtered_logits(logits, safe_t, top_k, top_p)
+        choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+        drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # The sort over V only runs when some row samples; all-greedy batches skip it.
+    return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda _: greedy, None)

@@ -1,0 +1,179 @@
+"""The Llama family in Flax NNX: Llama 2/3, Mistral, Qwen2, SmolLM2.
+
+RMSNorm, RoPE (half-split, HF convention) with linear or Llama 3 scaling, SwiGLU, grouped-query
+attention (MHA and MQA as its edge cases), tied or untied embeddings, optional QKV bias (Qwen2).
+
+Every parameter carries logical axis names in its `axes` metadata and every activation constraint
+names its dimensions; sharding/ maps the names to mesh axes. Glossary: B batch, T query tokens,
+S cached sequence, D d_model, N query heads, K kv heads, G = N/K, H head dim, F d_ff, V vocab.
+
+Forward: `model(tokens [B,T], positions [B,T], cache) -> (logits [B,T,V], cache)`. `cache` is any
+pytree with per-layer lists `k`, `v` of [B,S,K,H] and a `replace(k=, v=)` method (engine.KVCache).
+New keys/values are written at their absolute positions; a query at position p attends to cache
+slots 0..p, so padded tokens after a prompt never leak into it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shardlm.models.config import ModelConfig
+from shardlm.sharding.rules import shard
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, init: str = "normal"):
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (dim,), ("norm",), dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] with the config's scaling (computed at trace time, a constant)."""
+    H = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+    s = cfg.rope_scaling
+    if s.kind == "linear":
+        inv_freq = inv_freq / s.factor
+    elif s.kind == "llama3":
+        low_wavelen = s.original_max_position / s.low_freq_factor
+        high_wavelen = s.original_max_position / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = np.where(medium, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """x [B,T,n,H] rotated by positions [B,T] (HF's rotate_half convention)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype, D**-0.5)
+        self.k = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5)
+        self.v = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5)
+        self.o = _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype, (N * H) ** -0.5)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (N, H), ("q_heads", "head_dim"), dtype, init="zeros")
+            self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
+            self.v_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
+        self.cfg = cfg
+
+    def __call__(self, x, positions, k_cache, v_cache):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        K, H = cfg.n_kv_heads, cfg.head_dim
+        G = cfg.n_heads // K
+        q = jnp.einsum("btd,dnh->btnh", x, self.q[...])
+        k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
+        v = jnp.einsum("btd,dkh->btkh", x, self.v[...])
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        inv_freq = rope_frequencies(cfg)
+        q = shard(apply_rope(q, positions, inv_freq), ("batch", "seq", "q_heads", "head_dim"))
+        k = shard(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
+        v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
+
+        # Write the new keys/values at their absolute positions (drop those past the cache end).
+        rows = jnp.broadcast_to(jnp.arange(B)[:, None], positions.shape)
+        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        cache_axes = ("batch", "cache_seq", "kv_heads", "head_dim")
+        k_cache, v_cache = shard(k_cache, cache_axes), shard(v_cache, cache_axes)
+
+        S = k_cache.shape[1]
+        qg = q.reshape(B, T, K, G, H)
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores * (H**-0.5)
+        visible = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S] causal over cache slots
+        scores = jnp.where(visible[:, None, None], scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache).reshape(B, T, K * G, H).astype(x.dtype)
+        out = shard(out, ("batch", "seq", "q_heads", "head_dim"))
+        return jnp.einsum("btnh,nhd->btd", out, self.o[...]), k_cache, v_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.d_ff
+        self.gate = _param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5)
+        self.up = _param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5)
+        self.down = _param(rngs, (F, D), ("mlp", "embed"), dtype, F**-0.5)
+
+    def __call__(self, x):
+        h = jax.nn.silu(jnp.einsum("btd,df->btf", x, self.gate[...])) * jnp.einsum("btd,df->btf", x, self.up[...])
+        h = shard(h, ("batch", "seq", "mlp"))
+        return jnp.einsum("btf,fd->btd", h, self.down[...])
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
+        self.attn = Attention(cfg, dtype, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, positions, k_cache, v_cache):
+        with jax.named_scope("attention"):
+            h, k_cache, v_cache = self.attn(self.attn_norm(x), positions, k_cache, v_cache)
+        x = shard(x + h, ("batch", "seq", "embed"))
+        with jax.named_scope("mlp"):
+            x = shard(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "embed"))
+        return x, k_cache, v_cache
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, 1.0)
+        # One module (and one weight array per projection) per layer: unrolled at trace time, which
+        # decodes faster than a scan over stacked weights (see DESIGN.md, measured on CPU).
+        self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype, cfg.d_model**-0.5)
+
+    def __call__(self, tokens, positions, cache, logits_index=None):
+        """tokens, positions [B,T] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B]), cache."""
+        x = shard(self.embed[...][tokens], ("batch", "seq", "embed"))  # [B, T, D]
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, k, v = layer(x, positions, cache.k[i], cache.v[i])
+            ks.append(k)
+            vs.append(v)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # [B, 1, D]
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
+        return shard(logits, ("batch", "seq", "vocab")), cache.replace(k=ks, v=vs)

@@ -1,0 +1,96 @@
+"""Logical axis names -> mesh axes: the one place where the model's names meet the mesh.
+
+Models name every dimension logically ("batch", "embed", "mlp", ...). A `ShardingRules` maps each
+name to a tuple of mesh axes. `spec` turns the names of one array into a PartitionSpec and raises
+when two dimensions would land on the same mesh axis. A dimension that its mesh axes do not divide
+(SmolLM2's 9 heads over 2 devices) keeps only the leading mesh axes whose product divides it; the
+rest of the mesh holds replicas of that dimension (partial replication), so results never change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Axes = Sequence[str | None]
+
+
+@dataclass(frozen=True)
+class ShardingRules:
+    """Hashable map logical name -> tuple of mesh axes; names not listed are replicated."""
+
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @classmethod
+    def of(cls, mapping: dict[str, str | Sequence[str] | None]) -> "ShardingRules":
+        items = []
+        for name, axes in mapping.items():
+            if axes is None:
+                axes = ()
+            elif isinstance(axes, str):
+                axes = (axes,)
+            items.append((name, tuple(axes)))
+        return cls(tuple(items))
+
+    def mesh_axes(self, name: str | None) -> tuple[str, ...]:
+        for logical, axes in self.rules:
+            if logical == name:
+                return axes
+        return ()
+
+    def spec(self, axes: Axes, shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> PartitionSpec:
+        """PartitionSpec for an array whose dimensions are named `axes`.
+
+        With `shape` and `mesh`, mesh axes that do not divide a dimension are dropped (replication).
+        """
+        used: dict[str, str] = {}
+        out = []
+        for dim, name in enumerate(axes):
+            mesh_axes = tuple(a for a in self.mesh_axes(name) if mesh is None or mesh.shape.get(a, 1) > 1)
+            if shape is not None and mesh is not None:
+                kept = []
+                for a in mesh_axes:
+                    if shape[dim] % (math.prod(mesh.shape[b] for b in kept) * mesh.shape[a]):
+                        break
+                    kept.append(a)
+                mesh_axes = tuple(kept)
+            for a in mesh_axes:
+                if a in used:
+                    raise ValueError(f"logical axes {tuple(axes)}: {used[a]!r} and {name!r} both map to mesh "
+                                     f"axis {a!r}; one array cannot be split twice over one mesh axis")
+                used[a] = name
+            out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        return PartitionSpec(*out)
+
+    def sharding(self, mesh: Mesh, axes: Axes, shape: Sequence[int]) -> NamedSharding:
+        return NamedSharding(mesh, self.spec(axes, shape, mesh))
+
+
+# The mesh and rules that `shard` applies while a step is traced (set by the engine around tracing).
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars.ContextVar("shardlm_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh | None, rules: ShardingRules | None):
+    token = _ACTIVE.set((mesh, rules) if mesh is not None and rules is not None else None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def shard(x: jax.Array, axes: Axes) -> jax.Array:
+    """Constrain activation `x` to the sharding its logical `axes` get under the active rules."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    if len(axes) != x.ndim:
+        raise ValueError(f"logical axes {tuple(axes)} do not match an array of shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, rules.sharding(mesh, axes, x.shape))
