@@ -24,6 +24,7 @@ from flax import nnx
 
 from shardlm.engine.kv_cache import KV_AXES, LENGTHS_AXES, KVCache
 from shardlm.engine.sampling import SamplingParams, row_keys, sample
+from shardlm.sharding.mesh import make_mesh
 from shardlm.sharding.rules import ShardingRules, shard, use_rules
 
 
@@ -77,15 +78,27 @@ class Engine:
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         self.buckets = prefill_buckets(max_seq_len)
-        self.mesh = mesh
-        self.prefill_rules = prefill_rules
-        self.decode_rules = decode_rules
+        self.mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
+        self.prefill_rules = prefill_rules or ShardingRules()
+        self.decode_rules = decode_rules or ShardingRules()
         self.cache_dtype = cache_dtype or jnp.result_type(self.params["embed"][...])
         # Per-instance jitted steps: each engine (mesh, layouts) keeps its own compilation cache.
         self._prefill = jax.jit(self._prefill_step)
-        self._insert = jax.jit(self._insert_step, donate_argnames=("state",))
-        self._generate = jax.jit(self._generate_step, donate_argnames=("state",))
-        self._init_state = jax.jit(self._init_state_step)
+        state_shardings = self._state_shardings()
+        tokens_sharding = self.decode_rules.sharding(self.mesh, ("batch",), (batch_size,))
+        self._insert = jax.jit(self._insert_step, donate_argnames=("state",), out_shardings=state_shardings)
+        self._generate = jax.jit(self._generate_step, donate_argnames=("state",),
+                                 out_shardings=(state_shardings, tokens_sharding))
+        self._init_state = jax.jit(self._init_state_step, out_shardings=state_shardings)
+
+    def _state_shardings(self):
+        """Shardings of the decode state under the decode rules (committed arrays on the mesh)."""
+        abstract = jax.eval_shape(self._init_state_step)
+        rules = self.decode_rules
+        axes = DecodeState(cache=KVCache(k=[KV_AXES] * self.cfg.n_layers, v=[KV_AXES] * self.cfg.n_layers,
+                                         lengths=LENGTHS_AXES), **STATE_AXES)
+        return jax.tree.map(lambda a, x: rules.sharding(self.mesh, a, x.shape), axes, abstract,
+                            is_leaf=lambda a: isinstance(a, tuple) and all(isinstance(n, str) for n in a))
 
     # ----- steps (traced) -----
 

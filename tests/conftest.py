@@ -1,0 +1,29 @@
+"""Tests run on 8 virtual CPU devices; the flag must be set before JAX starts its backend."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from shardlm.checkpoints.loader import embedded_model_path  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """The embedded SmolLM2-135M-Instruct, float32, on one device, 4 slots."""
+    from shardlm.engine import LLM
+
+    return LLM.load(batch_size=4, max_seq_len=256)
+
+
+def pytest_report_header(config):
+    return f"jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} devices"
