@@ -1,0 +1,537 @@
+"""Decode and prefill on CPU, float32: shardlm against HF transformers `generate`, same run.
+
+    python benchmarks/decode_cpu.py            # full run (a few minutes on 2 cores)
+    python benchmarks/decode_cpu.py --quick    # fewer tokens and repetitions
+
+Two models, each side by side with HF transformers on the same weights and the same prompts:
+
+- the embedded SmolLM2-135M-Instruct (GGUF, dequantized to float32 by both sides), batch 1 and 8;
+- a TinyLlama-1.1B shape (D 2048, 22 layers, 32 heads, 4 KV heads, F 5632, V 32000) with random
+  weights (independently drawn on each side; the cost of a step does not depend on the values), batch 1.
+
+Every row decodes `new_tokens` tokens after a `prompt_len`-token prompt of random token ids (stop
+tokens ignored on both sides, so both sides generate exactly that many). The first new token comes out
+of prefill; the other new_tokens - 1 come out of decode steps, and decode tokens/s counts those:
+B * (new_tokens - 1) / decode time.
+
+- shardlm decode: `Engine.generate` steps timed one by one after the prompts are inserted and after
+  warm-up steps on a separate state (compilation excluded); the host reads the tokens of every step,
+  as the batching loop does. End to end: `LLM.generate` (prefills, inserts and decode steps).
+- HF decode: `model.generate(greedy, min_new_tokens = max_new_tokens)` after a warm-up `generate` at
+  the same batch and prompt length, minus the prefill time of the same batch (one forward over the
+  prompt with logits_to_keep=1, which is what `generate` runs first), timed separately. A stopping
+  criterion that timestamps every token gives a second, direct figure (first to last token).
+- Rooflines, timed in this run: memory bandwidth from a jitted [8192, 8192] float32 matrix-vector
+  product (and torch.mv on the same matrix), float32 matmul peak from a [2048]^3 product. Decode MBU =
+  parameter bytes (read once per step) / mean step time / the best JAX matrix-vector bandwidth seen in
+  the run (bandwidth is measured at the start and at the end; taking the best is the conservative
+  choice). Prefill MFU = model FLOPs (2 * tokens * layer parameters, causal attention, one logits row)
+  / prefill time / the best JAX matmul rate.
+
+Writes benchmarks/results/decode_cpu.json (all figures, machine, versions, date) and decode_cpu.txt
+(the printed report); `--out-dir` changes where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jaxlib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from shardlm.checkpoints.loader import embedded_model_path  # noqa: E402
+from shardlm.engine import LLM, SamplingParams  # noqa: E402
+from shardlm.engine.engine import Engine  # noqa: E402
+from shardlm.models.config import ModelConfig, preset  # noqa: E402
+from shardlm.models.llama import Llama  # noqa: E402
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_lines: list[str] = []
+
+
+def log(line: str = "") -> None:
+    print(line, flush=True)
+    _lines.append(line)
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+# ----- rooflines -----
+
+def rooflines(rows: int = 8192, cols: int = 8192, reps: int = 20) -> dict:
+    """Memory bandwidth (matrix-vector product) and float32 matmul rate, JAX and torch."""
+    rng = np.random.default_rng(0)
+    a_host = rng.standard_normal((rows, cols), dtype=np.float32)
+    x_host = rng.standard_normal((cols,), dtype=np.float32)
+    nbytes = a_host.nbytes + x_host.nbytes + rows * 4
+
+    a, x = jnp.asarray(a_host), jnp.asarray(x_host)
+    matvec = jax.jit(lambda a, x: a @ x)
+    for _ in range(3):
+        matvec(a, x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        matvec(a, x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    jax_bw = {"best": nbytes / min(times), "median": nbytes / median(times)}
+    del a
+
+    at, xt = torch.from_numpy(a_host), torch.from_numpy(x_host)
+    for _ in range(3):
+        torch.mv(at, xt)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mv(at, xt)
+        times.append(time.perf_counter() - t0)
+    torch_bw = {"best": nbytes / min(times), "median": nbytes / median(times)}
+    del at, xt, a_host
+
+    n = 2048
+    flops = 2 * n**3
+    m_host = rng.standard_normal((n, n), dtype=np.float32)
+    m = jnp.asarray(m_host)
+    matmul = jax.jit(lambda a, b: a @ b)
+    for _ in range(2):
+        matmul(m, m).block_until_ready()
+    times = []
+    for _ in range(max(3, reps // 4)):
+        t0 = time.perf_counter()
+        matmul(m, m).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    jax_flops = flops / min(times)
+    mt = torch.from_numpy(m_host)
+    for _ in range(2):
+        torch.mm(mt, mt)
+    times = []
+    for _ in range(max(3, reps // 4)):
+        t0 = time.perf_counter()
+        torch.mm(mt, mt)
+        times.append(time.perf_counter() - t0)
+    torch_flops = flops / min(times)
+    return {"matvec_shape": [rows, cols], "matvec_bytes": nbytes, "jax_matvec_bw": jax_bw,
+            "torch_mv_bw": torch_bw, "matmul_n": n, "jax_matmul_flops": jax_flops, "torch_mm_flops": torch_flops}
+
+
+# ----- model arithmetic -----
+
+def layer_params(cfg: ModelConfig) -> int:
+    """Parameters of the transformer layers (what every token multiplies), without embedding/head."""
+    return cfg.n_params - cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2) - cfg.d_model
+
+
+def prefill_flops(cfg: ModelConfig, T: int, B: int = 1) -> float:
+    """Model FLOPs of a T-token prefill: weight products, causal attention, one row of logits."""
+    matmul = 2 * T * layer_params(cfg)
+    attention = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T * T  # QK^T and PV, causal half
+    logits = 2 * cfg.d_model * cfg.vocab_size
+    return B * (matmul + attention + logits)
+
+
+def kv_bytes_per_step(cfg: ModelConfig, B: int, S: int, itemsize: int = 4) -> int:
+    """KV cache bytes a shardlm decode step reads (it attends over all S cache slots)."""
+    return cfg.n_layers * 2 * B * S * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+
+# ----- shardlm side -----
+
+def params_nbytes(params) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(params)))
+
+
+def jax_prefill(engine: Engine, params, prompt, reps: int) -> dict:
+    for _ in range(2):
+        jax.block_until_ready(engine.prefill(params, prompt))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        prefix = engine.prefill(params, prompt)
+        jax.block_until_ready(prefix)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": median(times), "best_s": min(times), "logits": np.asarray(prefix.logits)}
+
+
+def jax_decode(engine: Engine, params, prompts, steps: int, warm_steps: int = 3) -> dict:
+    """Steady-state decode: `steps` Engine.generate calls after every slot holds a prompt."""
+    def filled():
+        state = engine.init_decode_state()
+        for slot, p in enumerate(prompts):
+            state = engine.insert(engine.prefill(params, p), state, slot)
+        return jax.block_until_ready(state)
+
+    state = filled()
+    for _ in range(warm_steps):  # compiles generate; on a separate state, so positions start over below
+        state, tokens = engine.generate(params, state)
+    jax.block_until_ready((state, tokens))
+    state = filled()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, tokens = engine.generate(params, state)
+        np.asarray(tokens)  # the host reads every step's tokens, as the batching loop does
+        times.append(time.perf_counter() - t0)
+    del state
+    B = engine.batch_size
+    total = sum(times)
+    return {"steps": steps, "total_s": total, "mean_step_s": total / steps, "median_step_s": median(times),
+            "tok_s": B * steps / total}
+
+
+def jax_end_to_end(llm: LLM, prompts, new_tokens: int) -> dict:
+    llm.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up (compiled already)
+    t0 = time.perf_counter()
+    out = llm.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    total = time.perf_counter() - t0
+    n = sum(len(c.token_ids) for c in out)
+    assert n == len(prompts) * new_tokens, f"generated {n} tokens, expected {len(prompts) * new_tokens}"
+    return {"total_s": total, "tok_s": n / total, "token_ids": [c.token_ids for c in out]}
+
+
+# ----- HF side -----
+
+class _Stamps(transformers.StoppingCriteria):
+    """Timestamps every generated token (called once per token, never stops generation)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def hf_prefill(model, prompts: np.ndarray, reps: int) -> dict:
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - t0)
+    return {"median_s": median(times), "best_s": min(times), "logits": out.logits[:, -1].float().numpy()}
+
+
+def hf_generate(model, prompts: np.ndarray, new_tokens: int, prefill_s: float, pad_id: int) -> dict:
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad_id)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up, same batch and prompt length
+    stamps = _Stamps()
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         stopping_criteria=transformers.StoppingCriteriaList([stamps]), **kw)
+    total = time.perf_counter() - t0
+    B, P = prompts.shape
+    generated = out[:, P:]
+    assert generated.shape == (B, new_tokens), f"HF generated {tuple(generated.shape)}, expected {(B, new_tokens)}"
+    steps = new_tokens - 1
+    decode_s = total - prefill_s
+    stamped_s = stamps.times[-1] - stamps.times[0]
+    return {"total_s": total, "end_to_end_tok_s": B * new_tokens / total,
+            "decode_s": decode_s, "tok_s": B * steps / decode_s, "mean_step_s": decode_s / steps,
+            "stamped_decode_s": stamped_s, "stamped_tok_s": B * steps / stamped_s,
+            "token_ids": generated.numpy().tolist()}
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ----- benchmarks -----
+
+def smollm2(args) -> tuple[dict, ModelConfig]:
+    P, N = args.prompt_len, args.new_tokens
+    path = embedded_model_path()
+    out: dict = {"model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32)", "gguf": path,
+                 "prompt_len": P, "new_tokens": N, "batches": {}}
+    rng = np.random.default_rng(1)
+    cfg = None
+    jax_side = {}
+    for B in args.batches:
+        t0 = time.perf_counter()
+        llm = LLM.load(None, batch_size=B, max_seq_len=max(256, P + N))
+        load_s = time.perf_counter() - t0
+        cfg = llm.config
+        prompts = rng.integers(0, cfg.vocab_size, (B, P)).astype(np.int32)
+        r = {"load_s": load_s, "param_bytes": params_nbytes(llm.params), "prompts": prompts}
+        if B == 1:
+            r["prefill"] = jax_prefill(llm.engine, llm.params, prompts[0].tolist(), args.reps)
+        r["decode"] = jax_decode(llm.engine, llm.params, [p.tolist() for p in prompts], N - 1)
+        r["e2e"] = jax_end_to_end(llm, [p.tolist() for p in prompts], N)
+        jax_side[B] = r
+        log(f"  shardlm B={B}: decode {r['decode']['tok_s']:.1f} tok/s, end to end {r['e2e']['tok_s']:.1f} tok/s")
+        del llm
+        gc.collect()
+    out["config"] = cfg.__dict__ | {"rope_scaling": cfg.rope_scaling.__dict__}
+
+    transformers.utils.logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    hf_load_s = time.perf_counter() - t0
+    hf_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    pad_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
+    pad_id = pad_id[0] if isinstance(pad_id, list) else pad_id
+    for B in args.batches:
+        r = jax_side[B]
+        prompts = r.pop("prompts")
+        hp = hf_prefill(model, prompts, args.reps)
+        hg = hf_generate(model, prompts, N, hp["median_s"], pad_id)
+        log(f"  HF      B={B}: decode {hg['tok_s']:.1f} tok/s (timestamped {hg['stamped_tok_s']:.1f}), "
+            f"end to end {hg['end_to_end_tok_s']:.1f} tok/s")
+        prefixes = [common_prefix(a, b) for a, b in zip(r["e2e"].pop("token_ids"), hg.pop("token_ids"))]
+        row = {"jax": r, "hf": {"load_s": hf_load_s, "param_bytes": hf_bytes, "prefill": hp, "generate": hg},
+               "greedy_tokens_identical_prefix": prefixes}
+        if B == 1:
+            jl, hl = r["prefill"].pop("logits"), hp["logits"][0]
+            row["prefill_logits_max_abs_diff"] = float(np.max(np.abs(jl - hl)))
+            row["prefill_argmax_equal"] = bool(np.argmax(jl) == np.argmax(hl))
+        hp.pop("logits")
+        out["batches"][B] = row
+    del model
+    gc.collect()
+    return out, cfg
+
+
+def tinyllama(args) -> tuple[dict, ModelConfig]:
+    P, N, N_hf = args.prompt_len, args.tiny_new_tokens, args.tiny_hf_new_tokens
+    cfg = preset("tinyllama-1.1b")
+    out: dict = {"model": "TinyLlama-1.1B shape, random weights", "config": cfg.__dict__ | {"rope_scaling": cfg.rope_scaling.__dict__},
+                 "prompt_len": P, "new_tokens": N, "hf_new_tokens": N_hf, "batches": {}}
+    prompts = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, P)).astype(np.int32)
+
+    t0 = time.perf_counter()
+    model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    engine = Engine(model, batch_size=1, max_seq_len=max(256, P + N))
+    params = engine.params
+    jax.block_until_ready(params)
+    init_s = time.perf_counter() - t0
+    del model
+    r = {"init_s": init_s, "param_bytes": params_nbytes(params)}
+    r["prefill"] = jax_prefill(engine, params, prompts[0].tolist(), max(2, args.reps // 2))
+    r["prefill"].pop("logits")
+    r["decode"] = jax_decode(engine, params, [prompts[0].tolist()], N - 1)
+    log(f"  shardlm B=1: decode {r['decode']['tok_s']:.2f} tok/s")
+    del engine, params
+    gc.collect()
+
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=1, eos_token_id=2)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).to(torch.float32).eval()
+    hf_init_s = time.perf_counter() - t0
+    hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    hp = hf_prefill(hf, prompts, max(2, args.reps // 2))
+    hp.pop("logits")
+    hg = hf_generate(hf, prompts, N_hf, hp["median_s"], pad_id=0)
+    hg.pop("token_ids")
+    log(f"  HF      B=1: decode {hg['tok_s']:.2f} tok/s (timestamped {hg['stamped_tok_s']:.2f})")
+    del hf
+    gc.collect()
+    out["batches"][1] = {"jax": r, "hf": {"init_s": hf_init_s, "param_bytes": hf_bytes, "prefill": hp, "generate": hg}}
+    return out, cfg
+
+
+def derive(res: dict, cfg: ModelConfig, roof: dict, N: int) -> dict:
+    bw = roof["bandwidth_for_mbu"]
+    peak = roof["flops_for_mfu"]
+    P = res["prompt_len"]
+    d = {}
+    for B, row in res["batches"].items():
+        j, h = row["jax"], row["hf"]
+        pb = j["param_bytes"]
+        S = max(256, P + N)  # the cache length the engines above were built with
+        x = {"decode_ratio": j["decode"]["tok_s"] / h["generate"]["tok_s"],
+             "decode_ratio_vs_stamped": j["decode"]["tok_s"] / h["generate"]["stamped_tok_s"],
+             "jax_mbu": pb / j["decode"]["mean_step_s"] / bw,
+             "jax_mbu_with_kv": (pb + kv_bytes_per_step(cfg, B, S)) / j["decode"]["mean_step_s"] / bw,
+             "hf_mbu": h["param_bytes"] / h["generate"]["mean_step_s"] / bw,
+             "jax_ideal_step_s": pb / bw}
+        if "e2e" in j:
+            x["end_to_end_ratio"] = j["e2e"]["tok_s"] / h["generate"]["end_to_end_tok_s"]
+        if "prefill" in j:
+            f = prefill_flops(cfg, P)
+            x["prefill_ratio"] = h["prefill"]["median_s"] / j["prefill"]["median_s"]  # > 1: shardlm faster
+            x["prefill_flops"] = f
+            x["jax_prefill_mfu"] = f / j["prefill"]["median_s"] / peak
+            x["hf_prefill_mfu"] = f / h["prefill"]["median_s"] / peak
+        d[B] = x
+    return d
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(next(l for l in f if l.startswith("MemTotal")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_bytes": mem, "platform": platform.platform(),
+            "python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__, "numpy": np.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(), "jax_devices": [str(d) for d in jax.devices()],
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS")}
+
+
+# ----- report -----
+
+def report(res: dict) -> None:
+    roof = res["roofline"]
+    log()
+    log("Rooflines (timed in this run; start / end):")
+    for tag in ("start", "end"):
+        r = roof[tag]
+        log(f"  {tag:5s}  JAX matvec [{r['matvec_shape'][0]}x{r['matvec_shape'][1]}] f32: "
+            f"{r['jax_matvec_bw']['best'] / 1e9:.1f} GB/s best, {r['jax_matvec_bw']['median'] / 1e9:.1f} median;  "
+            f"torch.mv {r['torch_mv_bw']['best'] / 1e9:.1f} GB/s best;  "
+            f"matmul {r['matmul_n']}^3 f32: JAX {r['jax_matmul_flops'] / 1e9:.0f}, torch {r['torch_mm_flops'] / 1e9:.0f} GFLOP/s")
+    log(f"  MBU uses {roof['bandwidth_for_mbu'] / 1e9:.1f} GB/s (best JAX matvec); "
+        f"MFU uses {roof['flops_for_mfu'] / 1e9:.0f} GFLOP/s (best JAX matmul)")
+
+    for key, title in (("smollm2", "SmolLM2-135M (embedded GGUF, f32)"), ("tinyllama", "TinyLlama-1.1B shape, random weights (f32)")):
+        if key not in res:
+            continue
+        m = res[key]
+        log()
+        n_hf = m.get("hf_new_tokens", m["new_tokens"])
+        log(f"{title}: {m['prompt_len']}-token prompt, {m['new_tokens']} new tokens"
+            + (f" (HF: {n_hf})" if n_hf != m["new_tokens"] else "")
+            + f"; parameters {next(iter(m['batches'].values()))['jax']['param_bytes'] / 1e6:.0f} MB")
+        hdr = f"  {'':26s}{'shardlm':>12s}{'HF':>12s}{'ratio':>9s}"
+        for B, row in m["batches"].items():
+            j, h, d = row["jax"], row["hf"], m["derived"][B]
+            log(f" batch {B}")
+            log(hdr)
+            if "prefill" in j:
+                log(f"  {'prefill ' + str(m['prompt_len']) + ' tokens (ms)':26s}{j['prefill']['median_s'] * 1e3:12.1f}"
+                    f"{h['prefill']['median_s'] * 1e3:12.1f}{d['prefill_ratio']:8.2f}x")
+                log(f"  {'prefill MFU':26s}{d['jax_prefill_mfu']:12.0%}{d['hf_prefill_mfu']:12.0%}")
+            log(f"  {'decode tok/s':26s}{j['decode']['tok_s']:12.2f}{h['generate']['tok_s']:12.2f}{d['decode_ratio']:8.2f}x")
+            log(f"  {'  HF timestamped tok/s':26s}{'':12s}{h['generate']['stamped_tok_s']:12.2f}{d['decode_ratio_vs_stamped']:8.2f}x")
+            log(f"  {'decode step (ms)':26s}{j['decode']['mean_step_s'] * 1e3:12.1f}{h['generate']['mean_step_s'] * 1e3:12.1f}")
+            log(f"  {'decode MBU (params)':26s}{d['jax_mbu']:12.0%}{d['hf_mbu']:12.0%}")
+            log(f"  {'  shardlm MBU params+KV':26s}{d['jax_mbu_with_kv']:12.0%}")
+            if "e2e" in j:
+                log(f"  {'end to end tok/s':26s}{j['e2e']['tok_s']:12.2f}{h['generate']['end_to_end_tok_s']:12.2f}"
+                    f"{d['end_to_end_ratio']:8.2f}x")
+            if "greedy_tokens_identical_prefix" in row:
+                p = row["greedy_tokens_identical_prefix"]
+                log(f"  greedy tokens identical for the first {min(p)}..{max(p)} of {m['new_tokens']} (per row)"
+                    + (f"; prefill logits max |diff| {row['prefill_logits_max_abs_diff']:.2e}, "
+                       f"argmax equal: {row['prefill_argmax_equal']}" if "prefill_logits_max_abs_diff" in row else ""))
+
+    log()
+    log("Aims: decode B=1 >= 2x HF, B=8 >= 1.5x HF, SmolLM2 B=1 MBU >= 50%, TinyLlama B=1 MBU >= 80%")
+    s, t = res.get("smollm2"), res.get("tinyllama")
+    checks = []
+    if s and 1 in s["derived"]:
+        checks.append(("SmolLM2 B=1 decode ratio", s["derived"][1]["decode_ratio"], 2.0, "x"))
+        checks.append(("SmolLM2 B=1 MBU", s["derived"][1]["jax_mbu"], 0.5, "%"))
+    if s and 8 in s["derived"]:
+        checks.append(("SmolLM2 B=8 decode ratio", s["derived"][8]["decode_ratio"], 1.5, "x"))
+    if t:
+        checks.append(("TinyLlama B=1 MBU", t["derived"][1]["jax_mbu"], 0.8, "%"))
+        checks.append(("TinyLlama B=1 decode ratio", t["derived"][1]["decode_ratio"], 2.0, "x"))
+    for name, v, aim, unit in checks:
+        fmt = (lambda z: f"{z:.0%}") if unit == "%" else (lambda z: f"{z:.2f}x")
+        log(f"  {name:28s}{fmt(v):>8s}  aim {fmt(aim):>5s}  {'met' if v >= aim else 'NOT met'}")
+    log()
+    log("Decode tok/s counts the new_tokens - 1 tokens made by decode steps (the first comes from prefill).")
+    log("HF decode = generate time minus its prefill (one forward, logits_to_keep=1, timed separately);")
+    log("'timestamped' is first-to-last token inside generate. Warm-up excluded on both sides.")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="32 new tokens (TinyLlama 16), fewer repetitions")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (32 with --quick)")
+    ap.add_argument("--tiny-new-tokens", type=int, default=None, help="TinyLlama, shardlm side; default = --new-tokens (16 with --quick)")
+    ap.add_argument("--tiny-hf-new-tokens", type=int, default=None, help="TinyLlama, HF side; default = --tiny-new-tokens")
+    ap.add_argument("--reps", type=int, default=None, help="prefill repetitions (default 5, 3 with --quick)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--skip-tinyllama", action="store_true")
+    ap.add_argument("--out-dir", default=RESULTS_DIR)
+    args = ap.parse_args(argv)
+    args.new_tokens = args.new_tokens or (32 if args.quick else 128)
+    args.tiny_new_tokens = args.tiny_new_tokens or (16 if args.quick else args.new_tokens)
+    args.tiny_hf_new_tokens = args.tiny_hf_new_tokens or args.tiny_new_tokens
+    args.reps = args.reps or (3 if args.quick else 5)
+    if args.new_tokens < 2 or args.tiny_new_tokens < 2 or args.tiny_hf_new_tokens < 2:
+        ap.error("new token counts must be >= 2 (one from prefill, at least one decode step)")
+
+    torch.set_num_threads(os.cpu_count())
+    started = datetime.datetime.now(datetime.timezone.utc)
+    res: dict = {"benchmark": "decode_cpu", "date": started.isoformat(timespec="seconds"), "machine": machine(),
+                 "args": vars(args)}
+    log(f"decode_cpu  {res['date']}  {res['machine']['cpu']}, {res['machine']['cores']} cores, "
+        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}")
+    log("rooflines ...")
+    roof = {"start": rooflines(reps=10 if args.quick else 20)}
+    res["roofline"] = roof
+    cfgs = {}
+    log("SmolLM2-135M ...")
+    res["smollm2"], cfgs["smollm2"] = smollm2(args)
+    if not args.skip_tinyllama:
+        log("TinyLlama-1.1B shape ...")
+        res["tinyllama"], cfgs["tinyllama"] = tinyllama(args)
+    log("rooflines again ...")
+    roof["end"] = rooflines(reps=10 if args.quick else 20)
+    # Conservative: the best bandwidth and matmul rate seen anywhere in the run.
+    roof["bandwidth_for_mbu"] = max(roof[t]["jax_matvec_bw"]["best"] for t in ("start", "end"))
+    roof["flops_for_mfu"] = max(roof[t]["jax_matmul_flops"] for t in ("start", "end"))
+    for key, cfg in cfgs.items():
+        res[key]["derived"] = derive(res[key], cfg, roof, res[key]["new_tokens"])
+    res["wall_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    report(res)
+    log(f"wall time {res['wall_s']:.0f} s")
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "decode_cpu.json"), "w") as f:
+        json.dump(res, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    with open(os.path.join(args.out_dir, "decode_cpu.txt"), "w") as f:
+        f.write("\n".join(_lines) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
