@@ -75,6 +75,54 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
+def _cpu_busy_s() -> float:
+    """Seconds of CPU time the whole machine has spent busy (all processes, all cores)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class Others:
+    """Share of the machine's CPU time taken by other processes (and steal) while a section ran.
+
+    Timings on a 2-core machine are meaningless if something else runs: torch's OpenMP barriers stall
+    for milliseconds when one of its two threads is descheduled. Each section records this share.
+    """
+
+    def __init__(self):
+        self.sections: dict[str, float] = {}
+        self._open = None
+
+    def begin(self, name: str) -> None:
+        self.end()
+        self._open = (name, time.perf_counter(), _cpu_busy_s(), sum(os.times()[:2]))
+
+    def end(self) -> None:
+        if self._open is None:
+            return
+        name, w0, b0, o0 = self._open
+        self._open = None
+        wall = time.perf_counter() - w0
+        others = (_cpu_busy_s() - b0) - (sum(os.times()[:2]) - o0)
+        self.sections[name] = max(0.0, others / (wall * os.cpu_count()))
+
+
+OTHERS = Others()
+
+
+def wait_until_quiet(max_wait_s: float, threshold: float = 0.1, window_s: float = 5.0) -> float:
+    """Wait (up to max_wait_s) for a window in which the machine is under `threshold` busy."""
+    t_end = time.perf_counter() + max_wait_s
+    while True:
+        b0 = _cpu_busy_s()
+        time.sleep(window_s)
+        busy = (_cpu_busy_s() - b0) / (window_s * os.cpu_count())
+        if busy < threshold or time.perf_counter() > t_end:
+            return busy
+        log(f"  machine {busy:.0%} busy with other processes; waiting for it to be quiet ...")
+
+
 # ----- rooflines -----
 
 def rooflines(rows: int = 8192, cols: int = 8192, reps: int = 20) -> dict:
@@ -274,6 +322,7 @@ def smollm2(args) -> tuple[dict, ModelConfig]:
     rng = np.random.default_rng(1)
     cfg = None
     jax_side = {}
+    OTHERS.begin("SmolLM2 shardlm")
     for B in args.batches:
         t0 = time.perf_counter()
         llm = LLM.load(None, batch_size=B, max_seq_len=max(256, P + N))
@@ -291,6 +340,7 @@ def smollm2(args) -> tuple[dict, ModelConfig]:
         gc.collect()
     out["config"] = cfg.__dict__ | {"rope_scaling": cfg.rope_scaling.__dict__}
 
+    OTHERS.begin("SmolLM2 HF")
     transformers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -315,6 +365,7 @@ def smollm2(args) -> tuple[dict, ModelConfig]:
             row["prefill_argmax_equal"] = bool(np.argmax(jl) == np.argmax(hl))
         hp.pop("logits")
         out["batches"][B] = row
+    OTHERS.end()
     del model
     gc.collect()
     return out, cfg
@@ -327,6 +378,7 @@ def tinyllama(args) -> tuple[dict, ModelConfig]:
                  "prompt_len": P, "new_tokens": N, "hf_new_tokens": N_hf, "batches": {}}
     prompts = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, P)).astype(np.int32)
 
+    OTHERS.begin("TinyLlama shardlm")
     t0 = time.perf_counter()
     model = Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     engine = Engine(model, batch_size=1, max_seq_len=max(256, P + N))
@@ -342,6 +394,7 @@ def tinyllama(args) -> tuple[dict, ModelConfig]:
     del engine, params
     gc.collect()
 
+    OTHERS.begin("TinyLlama HF")
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
@@ -357,6 +410,7 @@ def tinyllama(args) -> tuple[dict, ModelConfig]:
     hg = hf_generate(hf, prompts, N_hf, hp["median_s"], pad_id=0)
     hg.pop("token_ids")
     log(f"  HF      B=1: decode {hg['tok_s']:.2f} tok/s (timestamped {hg['stamped_tok_s']:.2f})")
+    OTHERS.end()
     del hf
     gc.collect()
     out["batches"][1] = {"jax": r, "hf": {"init_s": hf_init_s, "param_bytes": hf_bytes, "prefill": hp, "generate": hg}}
@@ -445,6 +499,8 @@ def report(res: dict) -> None:
                     f"{h['prefill']['median_s'] * 1e3:12.1f}{d['prefill_ratio']:8.2f}x")
                 log(f"  {'prefill MFU':26s}{d['jax_prefill_mfu']:12.0%}{d['hf_prefill_mfu']:12.0%}")
             log(f"  {'decode tok/s':26s}{j['decode']['tok_s']:12.2f}{h['generate']['tok_s']:12.2f}{d['decode_ratio']:8.2f}x")
+            if abs(h['generate']['tok_s'] / h['generate']['stamped_tok_s'] - 1) > 0.15:
+                log("  WARNING: HF decode by subtraction and by timestamps differ by more than 15% (noisy run?)")
             log(f"  {'  HF timestamped tok/s':26s}{'':12s}{h['generate']['stamped_tok_s']:12.2f}{d['decode_ratio_vs_stamped']:8.2f}x")
             log(f"  {'decode step (ms)':26s}{j['decode']['mean_step_s'] * 1e3:12.1f}{h['generate']['mean_step_s'] * 1e3:12.1f}")
             log(f"  {'decode MBU (params)':26s}{d['jax_mbu']:12.0%}{d['hf_mbu']:12.0%}")
@@ -458,6 +514,11 @@ def report(res: dict) -> None:
                     + (f"; prefill logits max |diff| {row['prefill_logits_max_abs_diff']:.2e}, "
                        f"argmax equal: {row['prefill_argmax_equal']}" if "prefill_logits_max_abs_diff" in row else ""))
 
+    log()
+    log("CPU share taken by other processes during each section (timings are only trustworthy near 0%):")
+    log("  " + ", ".join(f"{k} {v:.0%}" for k, v in res["other_processes_cpu_share"].items()))
+    if max(res["other_processes_cpu_share"].values()) > 0.05:
+        log("  WARNING: other processes ran during this benchmark; rerun on a quiet machine")
     log()
     log("Aims: decode B=1 >= 2x HF, B=8 >= 1.5x HF, SmolLM2 B=1 MBU >= 50%, TinyLlama B=1 MBU >= 80%")
     s, t = res.get("smollm2"), res.get("tinyllama")
@@ -490,6 +551,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--skip-tinyllama", action="store_true")
     ap.add_argument("--out-dir", default=RESULTS_DIR)
+    ap.add_argument("--wait-quiet", type=float, default=600, metavar="S",
+                    help="wait up to S seconds for other processes to leave the CPUs before starting (default 600)")
     args = ap.parse_args(argv)
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
     args.tiny_new_tokens = args.tiny_new_tokens or (16 if args.quick else args.new_tokens)
@@ -505,7 +568,9 @@ def main(argv=None) -> dict:
     log(f"decode_cpu  {res['date']}  {res['machine']['cpu']}, {res['machine']['cores']} cores, "
         f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}")
+    res["busy_before_start"] = wait_until_quiet(args.wait_quiet)
     log("rooflines ...")
+    OTHERS.begin("rooflines start")
     roof = {"start": rooflines(reps=10 if args.quick else 20)}
     res["roofline"] = roof
     cfgs = {}
@@ -515,7 +580,10 @@ def main(argv=None) -> dict:
         log("TinyLlama-1.1B shape ...")
         res["tinyllama"], cfgs["tinyllama"] = tinyllama(args)
     log("rooflines again ...")
+    OTHERS.begin("rooflines end")
     roof["end"] = rooflines(reps=10 if args.quick else 20)
+    OTHERS.end()
+    res["other_processes_cpu_share"] = OTHERS.sections
     # Conservative: the best bandwidth and matmul rate seen anywhere in the run.
     roof["bandwidth_for_mbu"] = max(roof[t]["jax_matvec_bw"]["best"] for t in ("start", "end"))
     roof["flops_for_mfu"] = max(roof[t]["jax_matmul_flops"] for t in ("start", "end"))

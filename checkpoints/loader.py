@@ -72,7 +72,7 @@ def _single_device_sharding(axes, shape):
 
 def load(path: str | None = None, *, dtype=jnp.float32, sharding_for=None, progress=None) -> LoadedModel:
     """Load a GGUF file (path None: the embedded default) into a model whose arrays are sharded by
-    `sharding_for(axes, shape)` (default: all on the first device)."""
+    `sharding_for(config)(axes, shape)` (default: all on the first device)."""
     path = embedded_model_path() if path is None else os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise CheckpointError(f"model path does not exist: {path}")
@@ -83,5 +83,5 @@ def load(path: str | None = None, *, dtype=jnp.float32, sharding_for=None, progr
         raise CheckpointError(f"{path}: {e}") from None
     tokenizer = tokenizer_from_gguf_metadata(weights.metadata)
     model = materialize(abstract_model(config, dtype), param_source(weights, config),
-                        sharding_for or _single_device_sharding, progress)
+                        sharding_for(config) if sharding_for else _single_device_sharding, progress)
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path)

@@ -41,7 +41,8 @@ def _load_llm(args):
 
     from shardlm.engine.llm import LLM
 
-    with tqdm(desc="loading weights", unit=" tensors", file=sys.stderr, leave=False) as bar:
+    _status("loading model ...")
+    with tqdm(desc="loading weights", unit=" tensors", file=sys.stderr, leave=False, disable=None) as bar:
         llm = LLM.load(args.model, dtype=args.dtype, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
                        progress=bar.update)
     return llm

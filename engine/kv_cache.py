@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 # Logical axes of the cache arrays (sharding/ maps them to mesh axes per layout).
-KV_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+KV_AXES = ("attn_batch", "cache_seq", "attn_kv_heads", "head_dim")
 LENGTHS_AXES = ("batch",)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from shardlm.checkpoints import loader
@@ -12,6 +14,8 @@ from shardlm.checkpoints.tokenizer import Tokenizer
 from shardlm.engine import batching
 from shardlm.engine.engine import Engine
 from shardlm.engine.sampling import SamplingParams
+from shardlm.sharding.layouts import get_layout
+from shardlm.sharding.mesh import make_mesh
 
 DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
@@ -42,17 +46,42 @@ class LLM:
         self.params = engine.params
 
     @classmethod
-    def load(cls, model: str | None = None, *, dtype: str = "float32", batch_size: int = 8,
-             max_seq_len: int = 1024, progress: Callable[[int], None] | None = None) -> "LLM":
-        """Load a GGUF file (None: the embedded SmolLM2-135M-Instruct).
+    def load(cls, model: str | None = None, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
+             prefill_layout: str | None = None, decode_layout: str | None = None, attention: str = "auto",
+             dtype: str = "float32", batch_size: int = 8, max_seq_len: int = 1024,
+             progress: Callable[[int], None] | None = None) -> "LLM":
+        """Load a GGUF file (None: the embedded SmolLM2-135M-Instruct) onto a mesh.
 
+        mesh_shape: e.g. {"x": 2, "y": 2, "z": 2} over all devices (None: one device).
+        layout: one layout for both phases, or prefill_layout/decode_layout separately (see
+        `shardlm layouts`); default replicated on one device, else 2d_weight_stationary.
+        attention: "auto", "heads" or "batch" (batch-sharded KV cache for multiquery/GQA).
         batch_size is the number of decode slots; max_seq_len the tokens (prompt plus generated)
         each slot holds, capped at the model's context length.
         """
-        loaded = loader.load(model, dtype=parse_dtype(dtype), progress=progress)
+        mesh = make_mesh(mesh_shape) if mesh_shape else make_mesh(devices=jax.devices()[:1])
+        default = "replicated" if mesh.size == 1 else "2d_weight_stationary"
+        if layout is not None and (prefill_layout is not None or decode_layout is not None):
+            raise ValueError("give either layout= (both phases) or prefill_layout=/decode_layout=, not both")
+        prefill = get_layout(prefill_layout or layout or default)
+        decode = get_layout(decode_layout or layout or default)
+        dtype = parse_dtype(dtype)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+        def rules_for(config):
+            return (prefill.rules(mesh, "prefill", 1, config.n_kv_heads, attention),
+                    decode.rules(mesh, "decode", batch_size, config.n_kv_heads, attention))
+
+        loaded = loader.load(model, dtype=dtype, progress=progress,
+                             sharding_for=lambda config: rules_for(config)[1].sharding_fn(mesh))
+        prefill_rules, decode_rules = rules_for(loaded.config)
         max_seq_len = min(max_seq_len, loaded.config.max_seq_len)
-        engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=max_seq_len)
-        return cls(loaded, engine)
+        engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=max_seq_len, mesh=mesh,
+                        prefill_rules=prefill_rules, decode_rules=decode_rules)
+        llm = cls(loaded, engine)
+        llm.layouts = (prefill.name, decode.name)
+        return llm
 
     @property
     def stop_token_ids(self) -> frozenset[int]:
@@ -78,7 +107,8 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, chat: bool = False, on_step: Callable[[int], None] | None = None) -> list[Completion]:
         """Complete each prompt (text or token ids); one SamplingParams for all or one per prompt."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = prompts if isinstance(prompts, str) else list(prompts)
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
         if not prompts:
             raise ValueError("no prompts given")

@@ -23,7 +23,12 @@ import numpy as np
 from flax import nnx
 
 from shardlm.models.config import ModelConfig
-from shardlm.sharding.rules import shard
+from shardlm.sharding.rules import gather_weight, shard
+
+
+def _w(var: nnx.Param):
+    """A weight's value as used in a matmul (all-gathered first under weight-gathered layouts)."""
+    return gather_weight(var[...], var.get_metadata()["axes"])
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, init: str = "normal"):
@@ -91,21 +96,24 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         K, H = cfg.n_kv_heads, cfg.head_dim
         G = cfg.n_heads // K
-        q = jnp.einsum("btd,dnh->btnh", x, self.q[...])
-        k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
-        v = jnp.einsum("btd,dkh->btkh", x, self.v[...])
+        x = shard(x, ("batch", "seq", "act_embed_in"))
+        q = shard(jnp.einsum("btd,dnh->btnh", x, _w(self.q)), ("batch", "seq", "act_heads", "head_dim"))
+        k = shard(jnp.einsum("btd,dkh->btkh", x, _w(self.k)), ("batch", "seq", "act_kv_heads", "head_dim"))
+        v = shard(jnp.einsum("btd,dkh->btkh", x, _w(self.v)), ("batch", "seq", "act_kv_heads", "head_dim"))
         if cfg.qkv_bias:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+            q, k, v = q + _w(self.q_bias), k + _w(self.k_bias), v + _w(self.v_bias)
         inv_freq = rope_frequencies(cfg)
-        q = shard(apply_rope(q, positions, inv_freq), ("batch", "seq", "q_heads", "head_dim"))
-        k = shard(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
-        v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
+        # The attention core's layout: heads-sharded, or batch-sharded (an all-to-all from the
+        # projections' heads-sharded layout) so the KV cache is split by rows, not replicated.
+        q = shard(apply_rope(q, positions, inv_freq), ("attn_batch", "seq", "attn_heads", "head_dim"))
+        k = shard(apply_rope(k, positions, inv_freq), ("attn_batch", "seq", "attn_kv_heads", "head_dim"))
+        v = shard(v, ("attn_batch", "seq", "attn_kv_heads", "head_dim"))
 
         # Write the new keys/values at their absolute positions (drop those past the cache end).
         rows = jnp.broadcast_to(jnp.arange(B)[:, None], positions.shape)
         k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-        cache_axes = ("batch", "cache_seq", "kv_heads", "head_dim")
+        cache_axes = ("attn_batch", "cache_seq", "attn_kv_heads", "head_dim")
         k_cache, v_cache = shard(k_cache, cache_axes), shard(v_cache, cache_axes)
 
         S = k_cache.shape[1]
@@ -116,11 +124,12 @@ class Attention(nnx.Module):
         scores = jnp.where(visible[:, None, None], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache).reshape(B, T, K * G, H).astype(x.dtype)
-        out = shard(out, ("batch", "seq", "q_heads", "head_dim"))
+        out = shard(out, ("attn_batch", "seq", "attn_heads", "head_dim"))
+        out = shard(out, ("batch", "seq", "act_heads_in", "head_dim"))
         # Contract N and H as one dimension: XLA:CPU runs the two-dimension contraction ~8x slower.
-        o = self.o[...]
+        o = _w(self.o)
         out = jnp.einsum("btx,xd->btd", out.reshape(B, T, -1), o.reshape(-1, o.shape[-1]))
-        return out, k_cache, v_cache
+        return shard(out, ("batch", "seq", "act_embed")), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -131,9 +140,11 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (F, D), ("mlp", "embed"), dtype, F**-0.5)
 
     def __call__(self, x):
-        h = jax.nn.silu(jnp.einsum("btd,df->btf", x, self.gate[...])) * jnp.einsum("btd,df->btf", x, self.up[...])
-        h = shard(h, ("batch", "seq", "mlp"))
-        return jnp.einsum("btf,fd->btd", h, self.down[...])
+        x = shard(x, ("batch", "seq", "act_embed_in"))
+        gate = shard(jnp.einsum("btd,df->btf", x, _w(self.gate)), ("batch", "seq", "act_mlp"))
+        up = shard(jnp.einsum("btd,df->btf", x, _w(self.up)), ("batch", "seq", "act_mlp"))
+        h = shard(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp_in"))
+        return shard(jnp.einsum("btf,fd->btd", h, _w(self.down)), ("batch", "seq", "act_embed"))
 
 
 class Block(nnx.Module):
@@ -146,9 +157,9 @@ class Block(nnx.Module):
     def __call__(self, x, positions, k_cache, v_cache):
         with jax.named_scope("attention"):
             h, k_cache, v_cache = self.attn(self.attn_norm(x), positions, k_cache, v_cache)
-        x = shard(x + h, ("batch", "seq", "embed"))
+        x = shard(x + h, ("batch", "seq", "act_embed"))
         with jax.named_scope("mlp"):
-            x = shard(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "embed"))
+            x = shard(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
         return x, k_cache, v_cache
 
 
@@ -165,7 +176,7 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens, positions, cache, logits_index=None):
         """tokens, positions [B,T] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B]), cache."""
-        x = shard(self.embed[...][tokens], ("batch", "seq", "embed"))  # [B, T, D]
+        x = shard(_w(self.embed)[tokens], ("batch", "seq", "act_embed"))  # [B, T, D]
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
@@ -176,7 +187,7 @@ class Llama(nnx.Module):
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # [B, 1, D]
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x, _w(self.embed), preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
-        return shard(logits, ("batch", "seq", "vocab")), cache.replace(k=ks, v=vs)
+            logits = jnp.einsum("btd,dv->btv", x, _w(self.lm_head), preferred_element_type=jnp.float32)
+        return shard(logits, ("batch", "seq", "act_vocab")), cache.replace(k=ks, v=vs)

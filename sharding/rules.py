@@ -23,12 +23,17 @@ Axes = Sequence[str | None]
 
 @dataclass(frozen=True)
 class ShardingRules:
-    """Hashable map logical name -> tuple of mesh axes; names not listed are replicated."""
+    """Hashable map logical name -> tuple of mesh axes; names not listed are replicated.
+
+    `gathered`: mesh axes that weights are all-gathered over right before use (weight-gathered
+    layouts); `gather_weight` applies it.
+    """
 
     rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    gathered: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, mapping: dict[str, str | Sequence[str] | None]) -> "ShardingRules":
+    def of(cls, mapping: dict[str, str | Sequence[str] | None], gathered: Sequence[str] = ()) -> "ShardingRules":
         items = []
         for name, axes in mapping.items():
             if axes is None:
@@ -36,7 +41,7 @@ class ShardingRules:
             elif isinstance(axes, str):
                 axes = (axes,)
             items.append((name, tuple(axes)))
-        return cls(tuple(items))
+        return cls(tuple(items), tuple(gathered))
 
     def mesh_axes(self, name: str | None) -> tuple[str, ...]:
         for logical, axes in self.rules:
@@ -71,6 +76,18 @@ class ShardingRules:
     def sharding(self, mesh: Mesh, axes: Axes, shape: Sequence[int]) -> NamedSharding:
         return NamedSharding(mesh, self.spec(axes, shape, mesh))
 
+    def sharding_fn(self, mesh: Mesh):
+        """(axes, shape) -> NamedSharding, for creating arrays directly in their shards."""
+        return lambda axes, shape: self.sharding(mesh, axes, shape)
+
+    def gathered_sharding(self, mesh: Mesh, axes: Axes, shape: Sequence[int]) -> NamedSharding:
+        """The sharding of a weight in use: its storage sharding without the gathered mesh axes."""
+        def drop(entry):
+            kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in self.gathered)
+            return None if not kept else kept[0] if len(kept) == 1 else kept
+
+        return NamedSharding(mesh, PartitionSpec(*(drop(e) for e in self.spec(axes, shape, mesh))))
+
 
 # The mesh and rules that `shard` applies while a step is traced (set by the engine around tracing).
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars.ContextVar("shardlm_rules", default=None)
@@ -83,6 +100,21 @@ def use_rules(mesh: Mesh | None, rules: ShardingRules | None):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def gather_weight(w: jax.Array, axes: Axes) -> jax.Array:
+    """A weight about to be used: in the active layout's storage sharding, less its gathered axes.
+
+    Under a weight-stationary layout whose storage the weights already have this is a no-op; under a
+    weight-gathered one it all-gathers; under a layout with another storage (a prefill layout
+    paired with a different decode layout) it reshards each step, which is correct but costs
+    communication (pair 2d_weight_stationary with weight_gathered_* to share the storage).
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return w
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(w, rules.gathered_sharding(mesh, axes, w.shape))
 
 
 def shard(x: jax.Array, axes: Axes) -> jax.Array:

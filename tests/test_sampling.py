@@ -100,8 +100,9 @@ def test_greedy_on_bfloat16_logits():
 def test_greedy_and_sampling_rows_mix_in_one_batch():
     rng = np.random.default_rng(2)
     V, N = 8, 2000
-    logits = jnp.asarray(np.stack([rng.normal(size=V), np.zeros(V)]), jnp.float32)  # row 1 uniform
-    temperature, top_k, top_p = jnp.array([0.0, 1.0]), jnp.array([3, 0], jnp.int32), jnp.array([0.5, 1.0])
+    # Row 0 is flat enough that a draw (rather than argmax) would vary; row 1 is uniform.
+    logits = jnp.asarray(np.stack([0.3 * rng.normal(size=V), np.zeros(V)]), jnp.float32)
+    temperature, top_k, top_p = jnp.array([0.0, 1.0]), jnp.array([5, 0], jnp.int32), jnp.array([0.95, 1.0])
     keys = jax.vmap(lambda i: row_keys(jnp.array([7, 7], jnp.int32), jnp.array([i, i])))(jnp.arange(N))  # [N, 2, 2]
     tokens = np.asarray(jax.vmap(lambda k: sample(logits, temperature, top_k, top_p, k))(keys))  # [N, 2]
     assert (tokens[:, 0] == int(np.argmax(logits[0]))).all()  # greedy row: always argmax, filters ignored

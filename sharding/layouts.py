@@ -1,0 +1,131 @@
+"""Pope et al. 2022's partitioning layouts (section 3) as named rule sets over the mesh (x, y, z).
+
+Notation as in the paper: `E_x F_yz` is a weight whose E (d_model) dimension is split over mesh
+axis x and F (d_ff) over y and z. Weights keep one of two storage layouts, activations change:
+
+- 1d_weight_stationary: W_in E F_xyz, W_out F_xyz E; heads like F. The residual stream is BLE_xyz:
+  all-gather(xyz) before each block's first matmul, reduce-scatter(xyz) after its second.
+- 2d_weight_stationary: W_in E_x F_yz, W_out F_yz E_x. Residual BLE_xyz; all-gather(yz) to BLE_x,
+  matmul -> BLF_yz partial over x, reduce-scatter(x) -> BLF_yzx, all-gather(x) -> BLF_yz, matmul ->
+  BLE_x partial over yz, reduce-scatter(yz) -> BLE_xyz.
+- weight_gathered_{x,xy,xyz}: weights stored as in 2D (E_x F_yz) and all-gathered over the named
+  axes before use; tokens (batch, or for a single prefill sequence its positions) are split over
+  those axes and the remaining axes shard E/F/heads as in the weight-stationary case.
+- replicated: everything on every device (one device, or a baseline).
+
+Attention: the projections follow the feed-forward layout (heads in place of F). The attention core
+either keeps heads sharded ("heads") or, for multiquery/grouped-query attention whose K kv heads are
+fewer than the devices they would be split over, moves Q/K/V to a batch-sharded layout with an
+all-to-all so that each device holds B/n rows of the KV cache instead of a replica ("batch",
+Pope et al. Fig. 4c/5b). Pope et al. use heads-sharded attention for prefill, batch-sharded for
+decode; `attention="auto"` does the same when batch sharding applies.
+
+Shapes an axis does not divide (SmolLM2's 9 query and 3 kv heads over 2 or more devices) are
+partially replicated: rules.spec keeps only the leading mesh axes whose product divides the
+dimension. Results are unchanged; only memory and communication differ from the ideal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from jax.sharding import Mesh
+
+from shardlm.sharding.rules import ShardingRules
+
+XYZ = ("x", "y", "z")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    description: str
+    weights: dict  # weight logical name -> mesh axes (storage)
+    gathered: tuple[str, ...]  # mesh axes weights are all-gathered over before use
+    acts: dict  # activation logical name -> mesh axes (feed-forward and projections)
+    heads_axes: tuple[str, ...]  # mesh axes the attention core splits heads over (heads mode)
+
+    def rules(self, mesh: Mesh, phase: str, batch: int, n_kv_heads: int, attention: str = "auto",
+              seq: int | None = None) -> ShardingRules:
+        """The rules for one phase ("prefill" or "decode") at a given batch size.
+
+        Token axes: batch over the token axes when it divides, else (a single prefill sequence)
+        the sequence positions. Attention: "heads", "batch" or "auto" (see module docstring).
+        """
+        if phase not in ("prefill", "decode"):
+            raise ValueError(f"phase must be prefill or decode, got {phase!r}")
+        if attention not in ("auto", "heads", "batch"):
+            raise ValueError(f"attention must be auto, heads or batch, got {attention!r}")
+        size = lambda axes: math.prod(mesh.shape.get(a, 1) for a in axes)  # noqa: E731
+        live = tuple(a for a in XYZ if mesh.shape.get(a, 1) > 1)
+        m = dict(self.weights)
+        m.update(self.acts)
+        token_axes = m.pop("tokens", ())
+        if token_axes and batch % size(token_axes) == 0:
+            m["batch"] = token_axes
+        elif token_axes and phase == "prefill":
+            m["seq"] = token_axes
+        # Attention core: batch-sharded when asked, or (auto) in decode when the kv heads cannot be
+        # split over the head axes and the batch divides over all devices.
+        batch_ok = batch % size(live) == 0 and size(live) > 1
+        heads_short = n_kv_heads % size(self.heads_axes) != 0 or n_kv_heads < size(self.heads_axes)
+        use_batch = attention == "batch" or (attention == "auto" and phase == "decode" and heads_short and batch_ok)
+        if attention == "batch" and not batch_ok:
+            raise ValueError(f"batch-sharded attention needs the batch ({batch}) to be a multiple of the "
+                             f"{size(live)} devices of mesh {dict(mesh.shape)}")
+        if use_batch:
+            m.update(attn_batch=live, attn_heads=(), attn_kv_heads=())
+        else:
+            m.update(attn_batch=m.get("batch", ()), attn_heads=self.heads_axes, attn_kv_heads=self.heads_axes)
+        return ShardingRules.of(m, gathered=self.gathered)
+
+
+def _weight_gathered(axes: tuple[str, ...]) -> Layout:
+    rest = tuple(a for a in XYZ if a not in axes)
+    name = "weight_gathered_" + "".join(axes)
+    return Layout(
+        name=name,
+        description=(f"weights stored E_x F_yz, all-gathered over {'/'.join(axes)} before use; tokens split over "
+                     f"{'/'.join(axes)}" + (f"; E, F and heads over {'/'.join(rest)}" if rest else "; no activation collectives")),
+        weights=dict(embed=("x",), mlp=("y", "z"), q_heads=("y", "z"), kv_heads=("y", "z"), vocab=("y", "z")),
+        gathered=axes,
+        acts=dict(tokens=axes, act_embed=rest, act_embed_in=(), act_mlp=rest, act_mlp_in=rest, act_heads=rest,
+                  act_heads_in=rest, act_kv_heads=rest, act_vocab=rest),
+        heads_axes=rest,
+    )
+
+
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in [
+        Layout("replicated", "every weight, activation and the KV cache whole on every device",
+               weights={}, gathered=(), acts={}, heads_axes=()),
+        Layout("1d_weight_stationary",
+               "W_in E F_xyz, W_out F_xyz E, heads over x/y/z; activations BLE_xyz, all-gather + reduce-scatter "
+               "over xyz per block",
+               weights=dict(mlp=XYZ, q_heads=XYZ, kv_heads=XYZ, vocab=XYZ),
+               gathered=(),
+               acts=dict(act_embed=XYZ, act_embed_in=(), act_mlp=XYZ, act_mlp_in=XYZ, act_heads=XYZ,
+                         act_heads_in=XYZ, act_kv_heads=XYZ, act_vocab=XYZ),
+               heads_axes=XYZ),
+        Layout("2d_weight_stationary",
+               "W_in E_x F_yz, W_out F_yz E_x, heads over y/z; activations BLE_xyz, gathered over yz before and "
+               "reduce-scattered over x between the two matmuls",
+               weights=dict(embed=("x",), mlp=("y", "z"), q_heads=("y", "z"), kv_heads=("y", "z"), vocab=("y", "z")),
+               gathered=(),
+               acts=dict(act_embed=XYZ, act_embed_in=("x",), act_mlp=("y", "z", "x"), act_mlp_in=("y", "z"),
+                         act_heads=("y", "z", "x"), act_heads_in=("y", "z"), act_kv_heads=("y", "z", "x"),
+                         act_vocab=("y", "z")),
+               heads_axes=("y", "z", "x")),
+        _weight_gathered(("x",)),
+        _weight_gathered(("x", "y")),
+        _weight_gathered(("x", "y", "z")),
+    ]
+}
+
+
+def get_layout(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
