@@ -9,8 +9,8 @@ S cached sequence, D d_model, N query heads, K kv heads, G = N/K, H head dim, F 
 
 Forward: `model(tokens [B,T], positions [B,T], cache) -> (logits [B,T,V], cache)`. `cache` is any
 pytree with per-layer lists `k`, `v` of [B,S,K,H] and a `replace(k=, v=)` method (engine.KVCache).
-New keys/values are written at their absolute positions; a query at position p attends to cache
-slots 0..p, so padded tokens after a prompt never leak into it.
+New keys/values are written at their absolute positions (contiguous within a row); a query at
+position p attends to cache slots 0..p, so padded tokens after a prompt never leak into it.
 """
 
 from __future__ import annotations
@@ -23,12 +23,17 @@ import numpy as np
 from flax import nnx
 
 from shardlm.models.config import ModelConfig
+from shardlm.sharding.blocks import project_in, project_out
 from shardlm.sharding.rules import gather_weight, shard
 
 
+def _axes(var: nnx.Param) -> tuple[str, ...]:
+    return var.get_metadata()["axes"]
+
+
 def _w(var: nnx.Param):
-    """A weight's value as used in a matmul (all-gathered first under weight-gathered layouts)."""
-    return gather_weight(var[...], var.get_metadata()["axes"])
+    """A weight's value as used outside the projection blocks (gathered under weight-gathered layouts)."""
+    return gather_weight(var[...], _axes(var))
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, init: str = "normal"):
@@ -96,10 +101,7 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         K, H = cfg.n_kv_heads, cfg.head_dim
         G = cfg.n_heads // K
-        x = shard(x, ("batch", "seq", "act_embed_in"))
-        q = shard(jnp.einsum("btd,dnh->btnh", x, _w(self.q)), ("batch", "seq", "act_heads", "head_dim"))
-        k = shard(jnp.einsum("btd,dkh->btkh", x, _w(self.k)), ("batch", "seq", "act_kv_heads", "head_dim"))
-        v = shard(jnp.einsum("btd,dkh->btkh", x, _w(self.v)), ("batch", "seq", "act_kv_heads", "head_dim"))
+        q, k, v = project_in(x, [self.q[...], self.k[...], self.v[...]], [_axes(self.q), _axes(self.k), _axes(self.v)])
         if cfg.qkv_bias:
             q, k, v = q + _w(self.q_bias), k + _w(self.k_bias), v + _w(self.v_bias)
         inv_freq = rope_frequencies(cfg)
@@ -109,10 +111,10 @@ class Attention(nnx.Module):
         k = shard(apply_rope(k, positions, inv_freq), ("attn_batch", "seq", "attn_kv_heads", "head_dim"))
         v = shard(v, ("attn_batch", "seq", "attn_kv_heads", "head_dim"))
 
-        # Write the new keys/values at their absolute positions (drop those past the cache end).
-        rows = jnp.broadcast_to(jnp.arange(B)[:, None], positions.shape)
-        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        # Write the new keys/values at their positions (contiguous per row, starting at
+        # positions[:, 0]); a per-row update that the partitioner keeps local under batch sharding.
+        write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (p, 0, 0)))
+        k_cache, v_cache = write(k_cache, k, positions[:, 0]), write(v_cache, v, positions[:, 0])
         cache_axes = ("attn_batch", "cache_seq", "attn_kv_heads", "head_dim")
         k_cache, v_cache = shard(k_cache, cache_axes), shard(v_cache, cache_axes)
 
@@ -125,11 +127,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache).reshape(B, T, K * G, H).astype(x.dtype)
         out = shard(out, ("attn_batch", "seq", "attn_heads", "head_dim"))
-        out = shard(out, ("batch", "seq", "act_heads_in", "head_dim"))
-        # Contract N and H as one dimension: XLA:CPU runs the two-dimension contraction ~8x slower.
-        o = _w(self.o)
-        out = jnp.einsum("btx,xd->btd", out.reshape(B, T, -1), o.reshape(-1, o.shape[-1]))
-        return shard(out, ("batch", "seq", "act_embed")), k_cache, v_cache
+        return project_out(out, self.o[...], _axes(self.o)), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -140,11 +138,8 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (F, D), ("mlp", "embed"), dtype, F**-0.5)
 
     def __call__(self, x):
-        x = shard(x, ("batch", "seq", "act_embed_in"))
-        gate = shard(jnp.einsum("btd,df->btf", x, _w(self.gate)), ("batch", "seq", "act_mlp"))
-        up = shard(jnp.einsum("btd,df->btf", x, _w(self.up)), ("batch", "seq", "act_mlp"))
-        h = shard(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp_in"))
-        return shard(jnp.einsum("btf,fd->btd", h, _w(self.down)), ("batch", "seq", "act_embed"))
+        gate, up = project_in(x, [self.gate[...], self.up[...]], [_axes(self.gate), _axes(self.up)])
+        return project_out(jax.nn.silu(gate) * up, self.down[...], _axes(self.down))
 
 
 class Block(nnx.Module):
