@@ -34,6 +34,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
     p.add_argument("--batch-size", type=int, default=8, help="decode slots (default 8)")
     p.add_argument("--max-seq-len", type=int, default=1024, help="tokens per slot, prompt plus generated (default 1024)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. x=2,y=2,z=2 (default: one device)")
+    p.add_argument("--layout", default=None, help="layout for both phases (see `shardlm layouts`)")
+    p.add_argument("--prefill-layout", default=None, help="layout for prefill only")
+    p.add_argument("--decode-layout", default=None, help="layout for decode only")
+    p.add_argument("--attention", default="auto", choices=["auto", "heads", "batch"],
+                   help="attention sharding: heads, batch (KV cache split by rows) or auto (default)")
 
 
 def _load_llm(args):
@@ -42,9 +48,16 @@ def _load_llm(args):
     from shardlm.engine.llm import LLM
 
     _status("loading model ...")
+    from shardlm.sharding.mesh import parse_mesh
+
+    mesh_shape = parse_mesh(args.mesh) if args.mesh else None
     with tqdm(desc="loading weights", unit=" tensors", file=sys.stderr, leave=False, disable=None) as bar:
-        llm = LLM.load(args.model, dtype=args.dtype, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-                       progress=bar.update)
+        llm = LLM.load(args.model, mesh_shape=mesh_shape, layout=args.layout, prefill_layout=args.prefill_layout,
+                       decode_layout=args.decode_layout, attention=args.attention, dtype=args.dtype,
+                       batch_size=args.batch_size, max_seq_len=args.max_seq_len, progress=bar.update)
+    mesh = dict(llm.placement.mesh.shape)
+    _status(f"mesh {','.join(f'{k}={v}' for k, v in mesh.items() if v > 1) or 'one device'}; "
+            f"prefill layout {llm.layouts[0]}, decode layout {llm.layouts[1]}")
     return llm
 
 
@@ -70,6 +83,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_layouts(args) -> int:
+    from shardlm.sharding.layouts import LAYOUTS
+
+    width = max(map(len, LAYOUTS))
+    for name, layout in LAYOUTS.items():
+        print(f"{name:{width}}  {layout.description}")
+    print("\nattention: heads (split by heads like F) or batch (Q/K/V all-to-all to a batch-split KV cache, for "
+          "multiquery/GQA); auto uses batch in decode when the kv heads cannot be split and the batch can")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardlm", description="JAX inference with the partitioning layouts of Pope et al. 2022")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -81,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     g.add_argument("prompts", nargs="+", metavar="PROMPT")
     g.set_defaults(func=cmd_generate)
+
+    lay = sub.add_parser("layouts", help="list the partitioning layouts and what each shards where")
+    lay.set_defaults(func=cmd_layouts)
     return parser
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from shardlm.checkpoints import loader
 from shardlm.checkpoints.tokenizer import Tokenizer
@@ -16,6 +18,7 @@ from shardlm.engine.engine import Engine
 from shardlm.engine.sampling import SamplingParams
 from shardlm.sharding.layouts import get_layout
 from shardlm.sharding.mesh import make_mesh
+from shardlm.sharding.rules import ShardingRules
 
 DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
@@ -37,13 +40,41 @@ class Completion:
 Prompt = str | Sequence[int]
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a model runs: the mesh, and the sharding rules of each phase."""
+
+    mesh: jax.sharding.Mesh
+    prefill_layout: str
+    decode_layout: str
+    prefill_rules: ShardingRules
+    decode_rules: ShardingRules
+
+    @classmethod
+    def make(cls, config, *, mesh_shape=None, layout=None, prefill_layout=None, decode_layout=None,
+             attention="auto", batch_size=8) -> "Placement":
+        mesh = make_mesh(mesh_shape) if mesh_shape else make_mesh(devices=jax.devices()[:1])
+        if layout is not None and (prefill_layout is not None or decode_layout is not None):
+            raise ValueError("give either layout (both phases) or prefill_layout/decode_layout, not both")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        default = "replicated" if mesh.size == 1 else "2d_weight_stationary"
+        prefill = get_layout(prefill_layout or layout or default).effective(mesh, "prefill", 1)
+        decode = get_layout(decode_layout or layout or default).effective(mesh, "decode", batch_size)
+        return cls(mesh, prefill.name, decode.name,
+                   prefill.rules(mesh, "prefill", 1, config.n_kv_heads, attention),
+                   decode.rules(mesh, "decode", batch_size, config.n_kv_heads, attention))
+
+
 class LLM:
-    def __init__(self, loaded: loader.LoadedModel, engine: Engine):
+    def __init__(self, loaded: loader.LoadedModel, engine: Engine, placement: Placement):
         self.config = loaded.config
         self.tokenizer: Tokenizer | None = loaded.tokenizer
         self.source = loaded.source
         self.engine = engine
         self.params = engine.params
+        self.placement = placement
+        self._loaded = loaded
 
     @classmethod
     def load(cls, model: str | None = None, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
@@ -59,29 +90,42 @@ class LLM:
         batch_size is the number of decode slots; max_seq_len the tokens (prompt plus generated)
         each slot holds, capped at the model's context length.
         """
-        mesh = make_mesh(mesh_shape) if mesh_shape else make_mesh(devices=jax.devices()[:1])
-        default = "replicated" if mesh.size == 1 else "2d_weight_stationary"
-        if layout is not None and (prefill_layout is not None or decode_layout is not None):
-            raise ValueError("give either layout= (both phases) or prefill_layout=/decode_layout=, not both")
-        prefill = get_layout(prefill_layout or layout or default)
-        decode = get_layout(decode_layout or layout or default)
         dtype = parse_dtype(dtype)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        kw = dict(mesh_shape=mesh_shape, layout=layout, prefill_layout=prefill_layout, decode_layout=decode_layout,
+                  attention=attention, batch_size=batch_size)
+        # The placement needs the config; the loader asks for it before reading any weight.
+        placements = {}
 
-        def rules_for(config):
-            return (prefill.rules(mesh, "prefill", 1, config.n_kv_heads, attention),
-                    decode.rules(mesh, "decode", batch_size, config.n_kv_heads, attention))
+        def sharding_for(config):
+            placements["p"] = Placement.make(config, **kw)
+            return placements["p"].decode_rules.sharding_fn(placements["p"].mesh)
 
-        loaded = loader.load(model, dtype=dtype, progress=progress,
-                             sharding_for=lambda config: rules_for(config)[1].sharding_fn(mesh))
-        prefill_rules, decode_rules = rules_for(loaded.config)
-        max_seq_len = min(max_seq_len, loaded.config.max_seq_len)
-        engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=max_seq_len, mesh=mesh,
-                        prefill_rules=prefill_rules, decode_rules=decode_rules)
-        llm = cls(loaded, engine)
-        llm.layouts = (prefill.name, decode.name)
-        return llm
+        loaded = loader.load(model, dtype=dtype, progress=progress, sharding_for=sharding_for)
+        return cls._build(loaded, placements["p"], batch_size, max_seq_len)
+
+    @classmethod
+    def _build(cls, loaded, placement: Placement, batch_size: int, max_seq_len: int) -> "LLM":
+        engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=min(max_seq_len, loaded.config.max_seq_len),
+                        mesh=placement.mesh, prefill_rules=placement.prefill_rules, decode_rules=placement.decode_rules)
+        return cls(loaded, engine, placement)
+
+    def relayout(self, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
+                 prefill_layout: str | None = None, decode_layout: str | None = None, attention: str = "auto",
+                 batch_size: int | None = None, max_seq_len: int | None = None) -> "LLM":
+        """The same weights on another mesh or layout, moved device to device (no reload)."""
+        batch_size = batch_size or self.engine.batch_size
+        placement = Placement.make(self.config, mesh_shape=mesh_shape, layout=layout, prefill_layout=prefill_layout,
+                                   decode_layout=decode_layout, attention=attention, batch_size=batch_size)
+        to = placement.decode_rules.sharding_fn(placement.mesh)
+        graphdef, state = nnx.split(nnx.merge(self.engine.graphdef, self.params))
+        flat = [(path, var.replace(jax.device_put(var[...], to(var.get_metadata()["axes"], var.shape))))
+                for path, var in nnx.to_flat_state(state)]
+        loaded = dataclasses.replace(self._loaded, model=nnx.merge(graphdef, nnx.from_flat_state(flat)))
+        return self._build(loaded, placement, batch_size, max_seq_len or self.engine.max_seq_len)
+
+    @property
+    def layouts(self) -> tuple[str, str]:
+        return self.placement.prefill_layout, self.placement.decode_layout
 
     @property
     def stop_token_ids(self) -> frozenset[int]:

@@ -1,7 +1,8 @@
 """Pope et al. 2022's partitioning layouts (section 3) as named rule sets over the mesh (x, y, z).
 
 Notation as in the paper: `E_x F_yz` is a weight whose E (d_model) dimension is split over mesh
-axis x and F (d_ff) over y and z. Weights keep one of two storage layouts, activations change:
+axis x and F (d_ff) over y and z. Weights keep one of two storage layouts, activations change (the projection blocks in blocks.py
+derive each block's collectives from the weight storage and the residual layout):
 
 - 1d_weight_stationary: W_in E F_xyz, W_out F_xyz E; heads like F. The residual stream is BLE_xyz:
   all-gather(xyz) before each block's first matmul, reduce-scatter(xyz) after its second.
@@ -43,8 +44,21 @@ class Layout:
     description: str
     weights: dict  # weight logical name -> mesh axes (storage)
     gathered: tuple[str, ...]  # mesh axes weights are all-gathered over before use
-    acts: dict  # activation logical name -> mesh axes (feed-forward and projections)
+    acts: dict  # activation logical name -> mesh axes: tokens, the residual stream, logits
     heads_axes: tuple[str, ...]  # mesh axes the attention core splits heads over (heads mode)
+
+    def effective(self, mesh: Mesh, phase: str, batch: int, seq: int = 32) -> "Layout":
+        """The layout that actually runs: a weight-gathered layout needs its tokens (the batch, or
+        in prefill the sequence positions) split over its gathered axes; where they cannot be, the
+        gathers would buy nothing (every device would compute every token), so it runs as 2D
+        weight-stationary on the same stored weights (Pope et al. pair the two the same way)."""
+        token_axes = self.acts.get("tokens", ())
+        if not token_axes:
+            return self
+        n = math.prod(mesh.shape.get(a, 1) for a in token_axes)
+        if batch % n == 0 or (phase == "prefill" and seq % n == 0):
+            return self
+        return LAYOUTS["2d_weight_stationary"]
 
     def rules(self, mesh: Mesh, phase: str, batch: int, n_kv_heads: int, attention: str = "auto",
               seq: int | None = None) -> ShardingRules:
@@ -90,8 +104,7 @@ def _weight_gathered(axes: tuple[str, ...]) -> Layout:
                      f"{'/'.join(axes)}" + (f"; E, F and heads over {'/'.join(rest)}" if rest else "; no activation collectives")),
         weights=dict(embed=("x",), mlp=("y", "z"), q_heads=("y", "z"), kv_heads=("y", "z"), vocab=("y", "z")),
         gathered=axes,
-        acts=dict(tokens=axes, act_embed=rest, act_embed_in=(), act_mlp=rest, act_mlp_in=rest, act_heads=rest,
-                  act_heads_in=rest, act_kv_heads=rest, act_vocab=rest),
+        acts=dict(tokens=axes, act_embed=rest, act_vocab=rest),
         heads_axes=rest,
     )
 
@@ -106,17 +119,14 @@ LAYOUTS: dict[str, Layout] = {
                "over xyz per block",
                weights=dict(mlp=XYZ, q_heads=XYZ, kv_heads=XYZ, vocab=XYZ),
                gathered=(),
-               acts=dict(act_embed=XYZ, act_embed_in=(), act_mlp=XYZ, act_mlp_in=XYZ, act_heads=XYZ,
-                         act_heads_in=XYZ, act_kv_heads=XYZ, act_vocab=XYZ),
+               acts=dict(act_embed=XYZ, act_vocab=XYZ),
                heads_axes=XYZ),
         Layout("2d_weight_stationary",
                "W_in E_x F_yz, W_out F_yz E_x, heads over y/z; activations BLE_xyz, gathered over yz before and "
                "reduce-scattered over x between the two matmuls",
                weights=dict(embed=("x",), mlp=("y", "z"), q_heads=("y", "z"), kv_heads=("y", "z"), vocab=("y", "z")),
                gathered=(),
-               acts=dict(act_embed=XYZ, act_embed_in=("x",), act_mlp=("y", "z", "x"), act_mlp_in=("y", "z"),
-                         act_heads=("y", "z", "x"), act_heads_in=("y", "z"), act_kv_heads=("y", "z", "x"),
-                         act_vocab=("y", "z")),
+               acts=dict(act_embed=XYZ, act_vocab=("y", "z")),
                heads_axes=("y", "z", "x")),
         _weight_gathered(("x",)),
         _weight_gathered(("x", "y")),
