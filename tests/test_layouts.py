@@ -1,0 +1,172 @@
+"""Pope et al.'s layouts on 8 virtual CPU devices: same tokens as one device, the shardings and
+per-device memory each layout implies, and the collectives of the paper in the compiled program."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from shardlm.engine import Engine, SamplingParams
+from shardlm.engine.llm import Placement
+from shardlm.models.config import ModelConfig
+from shardlm.models.llama import Llama
+from shardlm.sharding.collectives import compiled_collectives, per_layer
+from shardlm.sharding.layouts import LAYOUTS
+
+MESH = {"x": 2, "y": 2, "z": 2}
+PROMPTS = ["What is the capital of France?", "Hi", "Tell me a story about a dragon who learned to fly.",
+           "1 2 3 4", "Name a colour.", "Why is the sky blue? Answer briefly, please, in one line.", "Bonjour",
+           "List three prime numbers between ten and thirty."]
+NEW = SamplingParams(max_new_tokens=32, ignore_eos=True)
+LOGIT_TOL = 1e-3  # float32 logits of one prompt, sharded vs one device (reduction order differs)
+
+
+@pytest.fixture(scope="module")
+def base(llm):
+    return llm.relayout(batch_size=8, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def reference(base):
+    """Unsharded greedy tokens of all prompts, and the last-position logits of the first."""
+    tokens = [c.token_ids for c in base.generate(PROMPTS, NEW, chat=True)]
+    return tokens, _prompt_logits(base)
+
+
+def _prompt_logits(llm):
+    prefix = llm.engine.prefill(llm.params, llm.encode(PROMPTS[0], chat=True))
+    return np.asarray(prefix.logits)
+
+
+def _check_equal(llm, reference, n_prompts):
+    tokens, logits = reference
+    out = [c.token_ids for c in llm.generate(PROMPTS[:n_prompts], NEW, chat=True)]
+    assert out == tokens[:n_prompts]
+    assert np.abs(_prompt_logits(llm) - logits).max() < LOGIT_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "replicated"])
+def test_layout_gives_unsharded_tokens(base, reference, layout):
+    for batch, n_prompts in ((1, 4), (8, 8)):
+        llm = base.relayout(mesh_shape=MESH, layout=layout, batch_size=batch)
+        _check_equal(llm, reference, n_prompts)
+
+
+@pytest.mark.slow
+def test_weight_gathered_prefill_with_2d_decode(base, reference):
+    llm = base.relayout(mesh_shape=MESH, prefill_layout="weight_gathered_xyz", decode_layout="2d_weight_stationary")
+    assert llm.layouts == ("weight_gathered_xyz", "2d_weight_stationary")
+    _check_equal(llm, reference, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh,layout", [({"x": 8}, "1d_weight_stationary"), ({"x": 2, "y": 4}, "2d_weight_stationary"),
+                                         ({"x": 4, "y": 2}, "2d_weight_stationary"), ({"z": 8}, "1d_weight_stationary")])
+def test_other_mesh_shapes(base, reference, mesh, layout):
+    llm = base.relayout(mesh_shape=mesh, layout=layout, batch_size=8)
+    _check_equal(llm, reference, 8)
+
+
+def _spec(array):
+    return array.sharding.spec
+
+
+def test_weights_and_cache_carry_their_layout(base):
+    """Read from the arrays: each parameter and the KV cache sharded as the layout says."""
+    xyz = ("x", "y", "z")
+    expected = {  # layout -> (gate [D,F], down [F,D], q [D,9,64], embed [V,D], cache [B,S,3,64])
+        "1d_weight_stationary": (P(None, xyz), P(xyz, None), P(None, None, None), P(xyz, None), P(xyz, None, None, None)),
+        "2d_weight_stationary": (P("x", ("y", "z")), P(("y", "z"), "x"), P("x", None, None), P(("y", "z"), "x"),
+                                 P(xyz, None, None, None)),
+        "weight_gathered_xy": (P("x", ("y", "z")), P(("y", "z"), "x"), P("x", None, None), P(("y", "z"), "x"),
+                               P(xyz, None, None, None)),
+        "replicated": (P(None, None), P(None, None), P(None, None, None), P(None, None), P(None, None, None, None)),
+    }
+    for name, (gate, down, q, embed, cache) in expected.items():
+        llm = base.relayout(mesh_shape=MESH, layout=name, batch_size=8)
+        layer = llm.params["layers"][0]
+        got = (_spec(layer["mlp"]["gate"][...]), _spec(layer["mlp"]["down"][...]), _spec(layer["attn"]["q"][...]),
+               _spec(llm.params["embed"][...]), _spec(llm.engine.init_decode_state().cache.k[0]))
+        # SmolLM2's 9 query / 3 kv heads do not divide over 2+ devices: heads stay whole (partial
+        # replication), and decode uses the batch-sharded KV cache of Pope et al. Fig. 4c.
+        assert got == (gate, down, q, embed, cache), name
+
+
+def test_per_device_memory(base):
+    llm = base.relayout(mesh_shape=MESH, layout="1d_weight_stationary", batch_size=8)
+    mlp = [llm.params["layers"][i]["mlp"][w][...] for i in range(llm.config.n_layers) for w in ("gate", "up", "down")]
+    total = sum(a.nbytes for a in mlp)
+    for device_index in range(8):
+        held = sum(a.addressable_shards[device_index].data.nbytes for a in mlp)
+        assert held == total // 8
+    cache = llm.engine.init_decode_state().cache.k[0]  # [B=8, S, K, H] split by batch over 8 devices
+    assert {s.data.shape[0] for s in cache.addressable_shards} == {1}
+    heads = base.relayout(mesh_shape=MESH, layout="1d_weight_stationary", batch_size=8, attention="heads")
+    replica = heads.engine.init_decode_state().cache.k[0]  # 3 kv heads over 8 devices: replicated
+    assert {s.data.shape for s in replica.addressable_shards} == {replica.shape}
+
+
+# ----- collectives in the compiled program, against Pope et al.'s per-layer data flow -----
+
+CFG = ModelConfig("divisible", vocab_size=512, d_model=256, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=32,
+                  d_ff=1024, max_seq_len=256)
+
+
+def _engine(cfg, layout, batch=8, **kw):
+    placement = Placement.make(cfg, mesh_shape=MESH, layout=layout, batch_size=batch, **kw)
+    to = placement.decode_rules.sharding_fn(placement.mesh)
+    graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
+    flat = [(p, v.replace(jax.device_put(v[...], to(v.get_metadata()["axes"], v.shape)))) for p, v in nnx.to_flat_state(state)]
+    return Engine(nnx.merge(graphdef, nnx.from_flat_state(flat)), batch_size=batch, max_seq_len=256,
+                  mesh=placement.mesh, prefill_rules=placement.prefill_rules, decode_rules=placement.decode_rules)
+
+
+def _pope_mlp(layout, tokens, E, F, f32=4):
+    """Per-layer feed-forward collectives {kind: sorted per-device operand bytes} on X=Y=Z=2, from
+    Pope et al. sec. 3.2 / Fig. 2 / Fig. A.2, for a SwiGLU block (two input matrices).
+
+    all-gather bytes are its per-device input, reduce-scatter bytes its per-device input; the
+    RMSNorm over an E-sharded residual adds one small all-reduce of the per-token sums.
+    """
+    if layout == "1d_weight_stationary":  # BLE_xyz -AG(xyz)-> BLE ... BLE partial -RS(xyz)-> BLE_xyz
+        return {"all-gather": [tokens * E // 8 * f32], "reduce-scatter": [tokens * E * f32],
+                "all-reduce": [tokens * f32]}
+    if layout == "2d_weight_stationary":  # AG(yz) to BLE_x; RS(x) into F (x2); AG(x) F; RS(yz) into E
+        return {"all-gather": sorted([tokens * E // 8 * f32, tokens * F // 8 * f32]),
+                "reduce-scatter": sorted([tokens * F // 4 * f32] * 2 + [tokens * E // 2 * f32]),
+                "all-reduce": [tokens * f32]}
+    gathered = {"weight_gathered_x": 2, "weight_gathered_xy": 4, "weight_gathered_xyz": 8}[layout]
+    local = tokens // gathered  # tokens split over the gathered axes
+    w = E * F // 8 * f32  # one stored weight shard (E_x F_yz)
+    # Each weight is all-gathered dimension by dimension in storage order: W_in E(x) then F, W_out F
+    # then E(x); the per-chip result is the weight's EF/(devices left), as in Pope et al. A.2.2.
+    weights = {2: [w] * 3, 4: [w, 2 * w] * 3, 8: [w, 2 * w] * 2 + [w, 4 * w]}[gathered]
+    if gathered == 8:  # XYZ: fully stationary activations
+        return {"all-gather": sorted(weights)}
+    rest = 8 // gathered  # devices E is split over in the residual
+    return {"all-gather": sorted(weights + [local * E // rest * f32]), "reduce-scatter": [local * E * f32],
+            "all-reduce": [local * f32]}
+
+
+@pytest.mark.parametrize("layout", ["1d_weight_stationary", "2d_weight_stationary", "weight_gathered_x",
+                                    "weight_gathered_xy", "weight_gathered_xyz"])
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_compiled_collectives_match_pope(layout, phase):
+    engine = _engine(CFG, layout)
+    tokens = 8 if phase == "decode" else engine.buckets[0]  # decode: batch 8 x 1; prefill: 1 x 32 positions
+    got = {kind: sizes for (block, kind), sizes in per_layer(compiled_collectives(engine, phase)).items()
+           if block == "mlp"}
+    assert got == _pope_mlp(layout, tokens, CFG.d_model, CFG.d_ff)
+
+
+def test_multiquery_decode_uses_batch_sharded_cache_and_all_to_all():
+    mqa = CFG.replace(n_kv_heads=1)
+    engine = _engine(mqa, "2d_weight_stationary")
+    kinds = {c.kind for c in compiled_collectives(engine, "decode") if c.layer == 0 and c.block == "attention"}
+    assert "all-to-all" in kinds
+    assert _spec(engine.init_decode_state().cache.k[0]) == P(("x", "y", "z"), None, None, None)
+    heads = _engine(mqa, "2d_weight_stationary", attention="heads")
+    kinds = {c.kind for c in compiled_collectives(heads, "decode") if c.layer == 0 and c.block == "attention"}
+    assert "all-to-all" not in kinds
