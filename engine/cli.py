@@ -94,6 +94,43 @@ def cmd_layouts(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from shardlm.models.config import preset
+    from shardlm.sharding import planner
+    from shardlm.sharding.mesh import parse_mesh
+
+    config = preset(args.model)
+    if args.chips < 1:
+        raise ValueError(f"--chips must be >= 1, got {args.chips}")
+    mesh = parse_mesh(args.mesh) if args.mesh else planner.default_mesh(args.chips)
+    mesh = planner._check_mesh(mesh, args.chips)
+    wb = {"int8": 1, "bf16": 2, "bfloat16": 2}[args.weights]
+    context = args.context or min(config.max_seq_len, 2048)
+    out = {}
+    for phase in [args.phase] if args.phase else ["prefill", "decode"]:
+        ranked = planner.plan(config, args.chip, mesh, phase, args.batch, context, weight_bytes=wb)
+        chosen = planner.best(config, args.chip, mesh, phase, args.batch, context, weight_bytes=wb)
+        chosen = ranked[0]  # best() is the first of the ranking that fits
+        out[phase] = {"best": {"layout": chosen.layout, "attention": chosen.attention,
+                               "step_time_s": chosen.step_time_s, "mfu": chosen.mfu, "mbu": chosen.mbu},
+                      "mesh": mesh, "layouts": [e.as_dict() for e in ranked]}
+        if not args.json:
+            print(f"{config.name} {phase}: {args.chips} x {args.chip}, mesh "
+                  f"{','.join(f'{a}={s}' for a, s in mesh.items())}, batch {args.batch}, context {context}, "
+                  f"{args.weights} weights (step = max(compute, memory) + communication)")
+            print(f"  {'layout':22} {'attn':5} {'step ms':>10} {'compute':>9} {'memory':>9} {'comm':>9} "
+                  f"{'GiB/chip':>8} {'MFU':>5} {'MBU':>5}")
+            for e in ranked:
+                mark = "*" if e is chosen else " "
+                print(f"{mark} {e.layout:22} {e.attention:5} {e.step_time_s * 1e3:10.2f} {e.compute_s * 1e3:9.2f} "
+                      f"{e.memory_s * 1e3:9.2f} {e.comm_s * 1e3:9.2f} {e.bytes_per_chip / 2**30:8.1f} "
+                      f"{e.mfu:5.2f} {e.mbu:5.2f}" + ("" if e.fits else "  does not fit"))
+            print(f"  chosen: {chosen.layout} with {chosen.attention}-sharded attention\n")
+    if args.json:
+        print(json.dumps(out[args.phase] if args.phase else out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardlm", description="JAX inference with the partitioning layouts of Pope et al. 2022")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -108,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     lay = sub.add_parser("layouts", help="list the partitioning layouts and what each shards where")
     lay.set_defaults(func=cmd_layouts)
+
+    pl = sub.add_parser("plan", help="estimate step time, memory and communication of each layout (no devices)")
+    pl.add_argument("--model", required=True, help="model preset, e.g. palm-540b, llama3-70b")
+    pl.add_argument("--chip", required=True, help="tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, h100, h200 or cpu")
+    pl.add_argument("--chips", type=int, required=True, help="number of chips")
+    pl.add_argument("--mesh", default=None, help="x=4,y=4,z=4 (default: the most cubic for --chips)")
+    pl.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    pl.add_argument("--context", type=int, default=None, help="tokens of context (default min(max_seq_len, 2048))")
+    pl.add_argument("--phase", default=None, choices=["prefill", "decode"], help="default: both")
+    pl.add_argument("--weights", default="bf16", choices=["int8", "bf16", "bfloat16"], help="weight dtype")
+    pl.add_argument("--json", action="store_true", help="one JSON object")
+    pl.set_defaults(func=cmd_plan)
     return parser
 
 

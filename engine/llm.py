@@ -59,6 +59,18 @@ class Placement:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         default = "replicated" if mesh.size == 1 else "2d_weight_stationary"
+        if "auto" in (layout, prefill_layout, decode_layout):  # the planner's best for these devices
+            from shardlm.sharding import planner
+
+            device = mesh.devices.flat[0]
+            chip = planner.chip_for_device_kind(device.device_kind, device.platform)
+            shape = {a: mesh.shape[a] for a in ("x", "y", "z")}
+            context = min(config.max_seq_len, 1024)
+            pick = {ph: planner.best(config, chip, mesh.size if mesh.size == 1 else shape, ph, b, context).layout
+                    for ph, b in (("prefill", 1), ("decode", batch_size))}
+            prefill_layout = pick["prefill"] if "auto" in (layout, prefill_layout) else prefill_layout
+            decode_layout = pick["decode"] if "auto" in (layout, decode_layout) else decode_layout
+            layout = None
         prefill = get_layout(prefill_layout or layout or default).effective(mesh, "prefill", 1)
         decode = get_layout(decode_layout or layout or default).effective(mesh, "decode", batch_size)
         return cls(mesh, prefill.name, decode.name,

@@ -149,6 +149,15 @@ PRESETS: dict[str, ModelConfig] = {
                     head_dim=128, d_ff=14336, max_seq_len=131072, rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING),
         ModelConfig("llama3-70b", vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                     head_dim=128, d_ff=28672, max_seq_len=131072, rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING),
+        # PaLM (Chowdhery et al. 2022; Pope et al. 2022 Table D.1), for planning: multiquery,
+        # SwiGLU, parallel attention/MLP blocks, shared embeddings. 540B's 48 heads are padded to 64
+        # by the planner where a layout splits heads 64 ways (Pope et al. sec. 4).
+        ModelConfig("palm-540b", vocab_size=256000, d_model=18432, n_layers=118, n_heads=48, n_kv_heads=1,
+                    head_dim=256, d_ff=73728, max_seq_len=2048, tie_embeddings=True, parallel_block=True),
+        ModelConfig("palm-62b", vocab_size=256000, d_model=8192, n_layers=64, n_heads=32, n_kv_heads=1,
+                    head_dim=256, d_ff=32768, max_seq_len=2048, tie_embeddings=True, parallel_block=True),
+        ModelConfig("palm-8b", vocab_size=256000, d_model=4096, n_layers=32, n_heads=16, n_kv_heads=1,
+                    head_dim=256, d_ff=16384, max_seq_len=2048, tie_embeddings=True, parallel_block=True),
     ]
 }
 

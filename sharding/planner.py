@@ -1,0 +1,441 @@
+"""An analytical planner for Pope et al. 2022's layouts: per layer and per step FLOPs, HBM traffic,
+memory held and the bytes of every collective, an estimated step time, and a ranking of layouts.
+
+The collectives are derived from the same data flow as sharding/blocks.py (which is what the
+engine emits), using the sharding rules of sharding/layouts.py on an abstract mesh, so for any
+layout the predicted feed-forward collectives equal those of the compiled program (see
+tests/test_planner.py). Attention projections follow the feed-forward layout with heads in place
+of F; batch-sharded attention (Fig. 4c/5b) adds an all-to-all of Q before the attention core and
+of its output after it.
+
+Cost model (Pope et al. App. A.1), per chip, with K the devices of one collective's group:
+    all-gather     per-chip output bytes x (K-1)/K / bw
+    reduce-scatter per-chip input bytes  x (K-1)/K / bw
+    all-reduce     2 x per-chip input bytes x (K-1)/K / bw
+    all-to-all     per-chip input bytes  x (K-1)/K / bw
+The paper drops (K-1)/K (K >> 1); we keep it, because the engine gathers a weight dimension by
+dimension (x, then y/z) and only with the factor does that cost the same as one gather over all
+of them. bw is the chip's one "network bandwidth" (its inter-chip bandwidth per axis times its
+axes: 270 GB/s for TPU v4, as the paper uses), or the data-centre network beyond one ICI/NVLink
+domain.
+
+Overlap model: step = max(compute, memory) + communication. Compute and HBM traffic overlap (a
+roofline); communication is not hidden (the paper's Looped CollectiveEinsum hides part of it
+behind the matmuls, so this is pessimistic for large-batch weight-stationary layouts and exact for
+none). Matmuls run at the bf16 peak even with int8 weights ("the matmuls still use bfloat16
+arithmetic", Pope et al. 4.4); int8 weights halve weight bytes, held and moved.
+MFU = 2 N tokens / (chips x peak x step) as in Pope et al. (N: the unpadded parameter count);
+MBU = HBM bytes per step / (step x HBM bandwidth).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import time
+import types
+from dataclasses import dataclass, field
+
+from shardlm.sharding.layouts import LAYOUTS, XYZ, get_layout
+
+NORM_BYTES = 4  # RMSNorm statistics are all-reduced in float32
+ACT_BYTES = 2  # bf16 activations
+
+
+# ----- chips -----
+
+@dataclass(frozen=True)
+class Chip:
+    name: str
+    bf16_flops: float  # peak dense FLOP/s
+    int8_flops: float
+    hbm_bytes: float
+    hbm_bw: float  # bytes/s
+    ici_bw_per_axis: float  # one-way bytes/s per torus axis (or per switch port group)
+    ici_axes: int
+    ici_domain: int  # most chips on the fast interconnect
+    dcn_bw: float  # bytes/s per chip beyond ici_domain
+    source: str
+
+    @property
+    def ici_bw(self) -> float:
+        return self.ici_bw_per_axis * self.ici_axes
+
+    def network_bw(self, n_chips: int) -> float:
+        return self.ici_bw if n_chips <= self.ici_domain else self.dcn_bw
+
+
+@functools.cache
+def chips() -> dict[str, Chip]:
+    raw = json.loads((pathlib.Path(__file__).with_name("chips.json")).read_text())
+    return {name: Chip(name=name, **spec) for name, spec in raw.items() if not name.startswith("_")}
+
+
+@functools.cache
+def _measure_cpu() -> Chip:
+    """Time a jitted 2048^2 matmul (FLOP/s) and a 4096x8192 matrix-vector product (bytes/s) here."""
+    import jax
+    import jax.numpy as jnp
+
+    def best(f, *args):
+        f(*args).block_until_ready()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            f(*args).block_until_ready()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    flops = 2 * n**3 / best(jax.jit(lambda a, b: a @ b), a, a)
+    m = jnp.ones((4096, 8192), jnp.float32)
+    v = jnp.ones((8192,), jnp.float32)
+    bw = m.nbytes / best(jax.jit(lambda m, v: m @ v), m, v)
+    return Chip("cpu", flops, flops, 8 * 2**30, bw, bw, 1, 1 << 20, bw,
+                "measured on this machine: jitted float32 2048^2 matmul and 4096x8192 matrix-vector product")
+
+
+def get_chip(name: str) -> Chip:
+    if name == "cpu":
+        return _measure_cpu()
+    table = chips()
+    if name not in table:
+        raise ValueError(f"unknown chip {name!r}; known: {', '.join([*table, 'cpu'])}")
+    return table[name]
+
+
+def chip_for_device_kind(kind: str, platform: str = "") -> str:
+    """jax.devices()[0].device_kind (and .platform) -> a chip name of chips.json, or "cpu"."""
+    k = kind.lower()
+    if platform == "cpu" or k == "cpu":
+        return "cpu"
+    for needle, name in (("v6", "tpu-v6e"), ("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v5", "tpu-v5p"),
+                         ("v4", "tpu-v4"), ("h200", "h200"), ("h100", "h100")):
+        if needle in k:
+            return name
+    raise ValueError(f"no chip spec for device kind {kind!r}; known chips: {', '.join(chips())}")
+
+
+# ----- meshes -----
+
+def default_mesh(n_chips: int) -> dict[str, int]:
+    """The most cubic x <= y <= z with x*y*z = n_chips (4,4,4 for 64, as in Pope et al.'s code)."""
+    if not isinstance(n_chips, int) or n_chips < 1:
+        raise ValueError(f"chip count must be an integer >= 1, got {n_chips!r}")
+    best_shape = None
+    for x in range(1, n_chips + 1):
+        for y in range(x, n_chips + 1):
+            if n_chips % (x * y) == 0 and n_chips // (x * y) >= y:
+                shape = (x, y, n_chips // (x * y))
+                if best_shape is None or max(shape) - min(shape) < max(best_shape) - min(best_shape):
+                    best_shape = shape
+    return dict(zip(XYZ, best_shape))
+
+
+def _check_mesh(mesh_shape: dict[str, int], n_chips: int | None = None) -> dict[str, int]:
+    bad = set(mesh_shape) - set(XYZ) - {"stage"}
+    if bad:
+        raise ValueError(f"unknown mesh axes {sorted(bad)}; allowed: x, y, z")
+    if mesh_shape.get("stage", 1) != 1:
+        raise ValueError("the planner covers the x/y/z torus only; stage (pipeline) must be 1")
+    if any(not isinstance(v, int) or v < 1 for v in mesh_shape.values()):
+        raise ValueError(f"mesh axis sizes must be integers >= 1, got {mesh_shape}")
+    shape = {a: mesh_shape.get(a, 1) for a in XYZ}
+    if n_chips is not None and math.prod(shape.values()) != n_chips:
+        raise ValueError(f"mesh {','.join(f'{a}={s}' for a, s in shape.items())} has {math.prod(shape.values())} "
+                         f"chips, not {n_chips}")
+    return shape
+
+
+# ----- collectives of one layer, following sharding/blocks.py -----
+
+@dataclass(frozen=True)
+class Coll:
+    block: str  # "attention" or "mlp"
+    kind: str  # all-gather | reduce-scatter | all-reduce | all-to-all
+    what: str  # which tensor
+    group: int  # devices in one group
+    operand_bytes: int  # per-device input (as sharding.collectives reports it)
+
+    @property
+    def cost_bytes(self) -> float:
+        """Bytes that set its time (Pope et al. A.1), times (K-1)/K."""
+        k = self.group
+        base = {"all-gather": self.operand_bytes * k, "all-reduce": 2 * self.operand_bytes}.get(self.kind, self.operand_bytes)
+        return base * (k - 1) / k
+
+
+class _Ctx:
+    """Rules of one layout and phase on an abstract mesh, with the divisibility of rules.spec."""
+
+    def __init__(self, layout, mesh_shape, phase, batch, seq, n_kv_heads, attention):
+        self.mesh = types.SimpleNamespace(shape={"stage": 1, **mesh_shape})
+        self.rules = layout.rules(self.mesh, phase, batch, n_kv_heads, attention, seq)
+        self.gathered = self.rules.gathered
+
+    def size(self, axes) -> int:
+        return math.prod(self.mesh.shape[a] for a in axes)
+
+    def axes(self, name: str, dim: int) -> tuple[str, ...]:
+        kept = []
+        for a in self.rules.mesh_axes(name):
+            if self.mesh.shape.get(a, 1) > 1 and dim % (self.size(kept) * self.mesh.shape[a]) == 0:
+                kept.append(a)
+            elif self.mesh.shape.get(a, 1) > 1:
+                break
+        return tuple(kept)
+
+
+def _weight_gathers(ctx, block, what, dims, wb) -> list[Coll]:
+    """All-gather a stored weight over the gathered axes, dimension by dimension (blocks._gather_weight)."""
+    local = math.prod(d // ctx.size(ax) for d, ax in dims) * wb
+    out = []
+    for _, ax in dims:
+        g = tuple(a for a in ax if a in ctx.gathered)
+        if g:
+            out.append(Coll(block, "all-gather", f"{what} weight", ctx.size(g), local))
+            local *= ctx.size(g)
+    return out
+
+
+def _project_in(ctx, block, tokens, E, weights, ab, wb, gather_x=True) -> list[Coll]:
+    """weights: [(name, F, rest, f_logical)] of [E, F, rest] matrices read from the residual."""
+    e_res = ctx.axes("act_embed", E)
+    e_ax = ctx.axes("embed", E)
+    e_w = tuple(a for a in e_ax if a not in ctx.gathered)
+    out = []
+    g = tuple(a for a in e_res if a not in e_w)
+    if g and gather_x:
+        out.append(Coll(block, "all-gather", "residual", ctx.size(g), tokens * E // ctx.size(e_res) * ab))
+    for name, F, rest, f_name in weights:
+        f_ax = ctx.axes(f_name, F)
+        out += _weight_gathers(ctx, block, name, [(E, e_ax), (F, f_ax), (rest, ())], wb)
+        f_local = F // ctx.size(tuple(a for a in f_ax if a not in ctx.gathered))
+        if e_w:
+            kind = "reduce-scatter" if f_local % ctx.size(e_w) == 0 else "all-reduce"
+            out.append(Coll(block, kind, f"{name} output", ctx.size(e_w), tokens * f_local * rest * ab))
+    return out
+
+
+def _project_out(ctx, block, tokens, E, name, F, rest, f_name, ab, wb, scatter_out=True) -> list[Coll]:
+    """h [T, F, rest] times the weight [F, rest, E] back to the residual."""
+    e_ax, f_ax = ctx.axes("embed", E), ctx.axes(f_name, F)
+    e_w = tuple(a for a in e_ax if a not in ctx.gathered)
+    f_w = tuple(a for a in f_ax if a not in ctx.gathered)
+    f_local = F // ctx.size(f_w)
+    out = []
+    if e_w and f_local % ctx.size(e_w) == 0:
+        out.append(Coll(block, "all-gather", f"{name} input", ctx.size(e_w), tokens * f_local // ctx.size(e_w) * rest * ab))
+    out += _weight_gathers(ctx, block, name, [(F, f_ax), (rest, ()), (E, e_ax)], wb)
+    if f_w and scatter_out:
+        kind = "reduce-scatter" if (E // ctx.size(e_w)) % ctx.size(f_w) == 0 else "all-reduce"
+        out.append(Coll(block, kind, f"{name} output", ctx.size(f_w), tokens * (E // ctx.size(e_w)) * ab))
+    return out
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What one layer's arithmetic needs, after head padding."""
+    E: int
+    F: int
+    N: int  # query heads, padded
+    K: int
+    Q: int
+    n_in: int  # input matrices of the feed-forward block (2: SwiGLU)
+
+
+def layer_collectives(ctx: _Ctx, s: _Shape, batch: int, seq: int, parallel: bool, ab: int, wb: int,
+                      ffn_only: bool = False) -> list[Coll]:
+    """The collectives of one layer per step, in the order the engine runs them."""
+    T_b = batch // ctx.size(ctx.axes("batch", batch))
+    T_s = seq // ctx.size(ctx.axes("seq", seq))
+    tokens = T_b * T_s
+    e_res = ctx.axes("act_embed", s.E)
+    norm = [Coll("", "all-reduce", "rmsnorm", ctx.size(e_res), tokens * NORM_BYTES)] if e_res else []
+    mlp_in = [("gate", s.F, 1, "mlp"), ("up", s.F, 1, "mlp")][: s.n_in]
+    mlp = [c.__class__("mlp", c.kind, c.what, c.group, c.operand_bytes) for c in norm]
+    mlp += _project_in(ctx, "mlp", tokens, s.E, mlp_in, ab, wb)
+    mlp += _project_out(ctx, "mlp", tokens, s.E, "down", s.F, 1, "mlp", ab, wb)
+    if ffn_only:
+        return mlp
+    attn = [] if parallel else [Coll("attention", c.kind, c.what, c.group, c.operand_bytes) for c in norm]
+    qkv = [("q", s.N, s.Q, "q_heads"), ("k", s.K, s.Q, "kv_heads"), ("v", s.K, s.Q, "kv_heads")]
+    # A parallel block (PaLM) reads one gathered input and reduce-scatters the sum of both outputs.
+    attn += _project_in(ctx, "attention", tokens, s.E, qkv, ab, wb, gather_x=not parallel)
+    batch_axes = ctx.axes("attn_batch", batch)
+    if ctx.size(batch_axes) > ctx.size(ctx.axes("batch", batch)):  # batch-sharded core: Fig. 5b all-to-alls
+        q_ax = ctx.axes("q_heads", s.N)
+        q_local = tokens * s.N // max(1, ctx.size(tuple(a for a in q_ax if a not in ctx.gathered))) * s.Q * ab
+        group = ctx.size(batch_axes) // ctx.size(ctx.axes("batch", batch))
+        attn.append(Coll("attention", "all-to-all", "q", group, q_local))
+        attn.append(Coll("attention", "all-to-all", "attention output", group, q_local))
+    attn += _project_out(ctx, "attention", tokens, s.E, "o", s.N, s.Q, "q_heads", ab, wb, scatter_out=not parallel)
+    return attn + mlp
+
+
+# ----- estimates -----
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: str
+    attention: str  # "heads" or "batch"
+    phase: str
+    fits: bool
+    step_time_s: float
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    mfu: float
+    mbu: float
+    bytes_per_chip: float  # HBM held: weights, KV cache, one gathered layer
+    flops: float  # per chip per step
+    hbm_bytes: float  # HBM traffic per chip per step
+    kv_bytes_per_chip: float
+    weight_bytes_per_chip: float
+    collectives: dict = field(default_factory=dict)  # kind -> operand bytes per chip per step
+    layer_collectives: tuple = ()  # Coll of one layer
+    padded_heads: int = 0
+    mesh: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        keys = ("layout", "attention", "fits", "step_time_s", "compute_s", "memory_s", "comm_s", "mfu", "mbu",
+                "bytes_per_chip", "flops", "hbm_bytes", "kv_bytes_per_chip", "weight_bytes_per_chip", "padded_heads")
+        return {k: getattr(self, k) for k in keys} | {"collectives": dict(self.collectives)}
+
+
+def _padded_heads(config, layout, mesh_shape) -> int:
+    """Query heads padded to a multiple of the devices the layout splits heads over (PaLM 540B's 48
+    -> 64 on 64 chips, Pope et al. 4.2), so each projection reduce-scatters instead of all-reducing;
+    not where that would add more than half the heads (they are then partially replicated)."""
+    split = math.prod(mesh_shape[a] for a in layout.heads_axes)
+    N = config.n_heads
+    padded = -(-N // split) * split
+    if split > 1 and N % split and padded <= 1.5 * N:  # else heads stay partially replicated
+        N = padded
+    return N
+
+
+def estimate(config, chip, mesh_shape, phase, batch, context, layout, attention="heads", weight_bytes=2,
+             kv_bytes=2, act_bytes=ACT_BYTES) -> Estimate:
+    """One layout and attention sharding; see the module docstring for the model."""
+    chip = get_chip(chip) if isinstance(chip, str) else chip
+    mesh_shape = _check_mesh(mesh_shape)
+    n = math.prod(mesh_shape.values())
+    lay = get_layout(layout) if isinstance(layout, str) else layout
+    seq = 1 if phase == "decode" else context
+    tokens = batch * seq
+    N = _padded_heads(config, lay, mesh_shape)
+    s = _Shape(config.d_model, config.d_ff, N, config.n_kv_heads, config.head_dim, 2)
+    ctx = _Ctx(lay, mesh_shape, phase, batch, seq, config.n_kv_heads, attention)
+    colls = layer_collectives(ctx, s, batch, seq, config.parallel_block, act_bytes, weight_bytes)
+    L = config.n_layers
+    E, F, K, Q, V = s.E, s.F, s.K, s.Q, config.vocab_size
+    layer_params = E * (N + 2 * K) * Q + N * Q * E + 3 * E * F + 2 * E
+    vocab_params = V * E * (1 if config.tie_embeddings else 2)
+
+    # FLOPs per chip: matmuls split evenly over chips (weights or tokens), attention core over heads
+    # or batch, logits for one position per sequence.
+    attn_ctx = context if phase == "decode" else (context + 1) / 2  # causal: mean positions visible
+    flops = (L * (2 * tokens * layer_params + 4 * tokens * attn_ctx * N * Q) + 2 * batch * E * V) / n
+
+    # HBM: weights held (stored shards) and read per step (gathered shards for weight-gathered).
+    gathered = math.prod(mesh_shape[a] for a in lay.gathered)
+    weight_held = (L * layer_params + vocab_params) * weight_bytes / n
+    weight_read = (L * layer_params * gathered + vocab_params) * weight_bytes / n
+    kv_batch = ctx.size(ctx.axes("attn_batch", batch))
+    kv_heads = ctx.size(ctx.axes("attn_kv_heads", K))
+    kv_held = 2 * L * batch * context * K * Q * kv_bytes / (kv_batch * kv_heads)
+    gathered_layer = layer_params * weight_bytes * gathered / n if gathered > 1 else 0
+    held = weight_held + kv_held + gathered_layer
+    hbm = weight_read + kv_held  # decode reads the cache, prefill writes it
+
+    bw = chip.network_bw(n)
+    comm_s = L * sum(c.cost_bytes for c in colls) / bw if n > 1 else 0.0
+    compute_s = flops / chip.bf16_flops
+    memory_s = hbm / chip.hbm_bw
+    step = max(compute_s, memory_s) + comm_s
+    kinds = {}
+    for c in colls:
+        kinds[c.kind] = kinds.get(c.kind, 0) + L * c.operand_bytes
+    return Estimate(
+        layout=lay.name, attention=attention, phase=phase, fits=held <= chip.hbm_bytes, step_time_s=step,
+        compute_s=compute_s, memory_s=memory_s, comm_s=comm_s,
+        mfu=2 * config.n_params * tokens / (n * chip.bf16_flops * step), mbu=memory_s / step,
+        bytes_per_chip=held, flops=flops, hbm_bytes=hbm, kv_bytes_per_chip=kv_held, weight_bytes_per_chip=weight_held,
+        collectives=kinds, layer_collectives=tuple(colls), padded_heads=N, mesh=dict(mesh_shape))
+
+
+def _check(config, phase, batch, context, weight_bytes, kv_bytes):
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"phase must be prefill or decode, got {phase!r}")
+    for name, v in (("batch", batch), ("context", context), ("weight_bytes", weight_bytes), ("kv_bytes", kv_bytes)):
+        if not isinstance(v, (int, float)) or v < 1 or (name in ("batch", "context") and not isinstance(v, int)):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if context > config.max_seq_len:
+        raise ValueError(f"context {context} exceeds {config.name}'s max_seq_len {config.max_seq_len}")
+
+
+def _splits(layout, mesh_shape, phase, batch, seq) -> bool:
+    """Whether a weight-gathered layout can split its tokens (else it would run as 2D)."""
+    axes = [a for a in layout.acts.get("tokens", ()) if mesh_shape[a] > 1]
+    k = math.prod(mesh_shape[a] for a in axes)
+    return batch % k == 0 or (phase == "prefill" and seq % k == 0)
+
+
+def plan(config, chip, mesh_shape, phase, batch, context, weight_bytes=2, kv_bytes=2, *, layouts=None,
+         attention="auto") -> list[Estimate]:
+    """Every layout x attention sharding, best first (those that fit HBM before those that do not).
+
+    mesh_shape: {"x":..,"y":..,"z":..} or a chip count (the most cubic mesh). layouts: names to
+    consider (default all but replicated; replicated on one chip). attention: "heads", "batch" or
+    "auto" (both where they apply). Names that cannot apply raise ValueError.
+    """
+    chip = get_chip(chip) if isinstance(chip, str) else chip
+    mesh_shape = default_mesh(mesh_shape) if isinstance(mesh_shape, int) else _check_mesh(mesh_shape)
+    _check(config, phase, batch, context, weight_bytes, kv_bytes)
+    if attention not in ("auto", "heads", "batch"):
+        raise ValueError(f"attention must be auto, heads or batch, got {attention!r}")
+    n = math.prod(mesh_shape.values())
+    seq = 1 if phase == "decode" else context
+    explicit = layouts is not None
+    if layouts is None:
+        layouts = ["replicated"] if n == 1 else [name for name in LAYOUTS if name != "replicated"]
+    if attention == "batch" and (n == 1 or batch % n):
+        raise ValueError(f"batch-sharded attention needs the batch ({batch}) to be a multiple of the {n} chips")
+    out = []
+    for name in layouts:
+        lay = get_layout(name)
+        if lay.gathered and not _splits(lay, mesh_shape, phase, batch, seq):
+            if explicit:
+                raise ValueError(f"{name} cannot split batch {batch}{' or context ' + str(context) if phase == 'prefill' else ''} "
+                                 f"over its gathered axes of mesh {mesh_shape}")
+            continue
+        covers = math.prod(mesh_shape[a] for a in lay.acts.get("tokens", ())) == n  # already batch-split
+        modes = [attention] if attention != "auto" else ["heads"] + (["batch"] if n > 1 and batch % n == 0 and not covers else [])
+        for mode in modes:
+            out.append(estimate(config, chip, mesh_shape, phase, batch, context, lay, mode, weight_bytes, kv_bytes))
+    return sorted(out, key=lambda e: (not e.fits, e.step_time_s))
+
+
+def best(config, chip, mesh_shape, phase, batch, context, weight_bytes=2, kv_bytes=2, **kw) -> Estimate:
+    """The fastest layout that fits in HBM; ValueError when none does."""
+    ranked = plan(config, chip, mesh_shape, phase, batch, context, weight_bytes, kv_bytes, **kw)
+    if not ranked or not ranked[0].fits:
+        need = min((e.bytes_per_chip for e in ranked), default=float("nan"))
+        chip_spec = get_chip(chip) if isinstance(chip, str) else chip
+        raise ValueError(f"{config.name} does not fit: the smallest layout needs {need / 2**30:.1f} GiB per chip, "
+                         f"{chip_spec.name} has {chip_spec.hbm_bytes / 2**30:.1f} GiB")
+    return ranked[0]
+
+
+def ffn_comm_bytes(d_model, d_ff, mesh_shape, layout, tokens, n_in=1, act_bytes=2, weight_bytes=2) -> float:
+    """Cost bytes per chip of one feed-forward block's collectives (Fig. 3: n_in=1, no norm)."""
+    mesh_shape = _check_mesh(mesh_shape)
+    lay = get_layout(layout)
+    ctx = _Ctx(lay, mesh_shape, "prefill", tokens, 1, 1, "heads")
+    s = _Shape(d_model, d_ff, 1, 1, 2, n_in)
+    colls = layer_collectives(ctx, s, tokens, 1, False, act_bytes, weight_bytes, ffn_only=True)
+    return sum(c.cost_bytes for c in colls if c.what != "rmsnorm")
