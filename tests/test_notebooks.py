@@ -1,0 +1,47 @@
+"""Every notebook in notebooks/ runs top to bottom without an error (its own asserts included).
+
+The kernel is `python3`; run inside the project's venv (`make test` does), whose python3 kernelspec
+(`python -m ipykernel install --prefix .venv --name python3`) starts the venv's interpreter, so the
+notebook imports the installed shardlm. The notebooks set their own XLA_FLAGS before importing jax;
+the kernel is a fresh process, so conftest's flags do not leak into it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+CELL_TIMEOUT_S = 600
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path: pathlib.Path):
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+    t0 = time.perf_counter()
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:  # the message holds the cell and its traceback
+        pytest.fail(f"{path.name}: a cell raised:\n{e}", pytrace=False)
+    print(f"{path.name}: {time.perf_counter() - t0:.0f} s")
+
+
+def test_notebooks_found():
+    assert NOTEBOOKS, f"no notebooks in {NOTEBOOKS_DIR}"
+
+
+def test_notebooks_saved_without_outputs():
+    """Notebooks are committed without outputs (smaller diffs, no stale results)."""
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+        assert not dirty, f"{path.name}: code cells {dirty} have outputs; clear them before committing"
