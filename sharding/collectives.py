@@ -27,11 +27,15 @@ class Collective:
     operand_bytes: int  # per device, its input
     group: int  # devices per replica group
     layer: int | None  # from the `layer_i` named scope, None outside the layers
-    block: str  # "attention", "mlp" or "" (embedding, logits, sampling)
+    block: str  # "attention", "mlp", "sampling" (top-k/top-p branch) or "" (embedding, logits)
     op_name: str
 
 
 def _group_size(line: str) -> int:
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)  # mesh['a'=8,...] {'a'} format
+    if m:
+        sizes = {k.strip(" '"): int(v) for k, v in (p.split("=") for p in m.group(1).split(","))}
+        return math.prod(sizes[a.strip(" '")] for a in m.group(2).split(",") if a.strip())
     m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
     if m:
         return len(m.group(1).split(","))
@@ -54,7 +58,8 @@ def parse(hlo_text: str) -> list[Collective]:
         op = re.search(r'op_name="([^"]*)"', line)
         op_name = op.group(1) if op else ""
         layer = re.search(r"layer_(\d+)", op_name)
-        block = next((b for b in ("attention", "mlp") if f"/{b}/" in op_name), "")
+        # "sampling": the top-k/top-p branch, which greedy batches skip at run time.
+        block = next((b for b in ("attention", "mlp") if f"/{b}/" in op_name), "sampling" if "cond/branch" in op_name else "")
         out.append(Collective(kind, result, operand, group, int(layer.group(1)) if layer else None, block, op_name))
     return out
 
