@@ -272,6 +272,11 @@ def layer_collectives(ctx: _Ctx, s: _Shape, batch: int, seq: int, parallel: bool
         group = ctx.size(batch_axes) // ctx.size(ctx.axes("batch", batch))
         attn.append(Coll("attention", "all-to-all", "q", group, q_local))
         attn.append(Coll("attention", "all-to-all", "attention output", group, q_local))
+    seq_axes = ctx.axes("seq", seq)
+    if ctx.size(seq_axes) > 1:  # a prefill split by positions: every query needs all keys and values
+        kv_ax = tuple(a for a in ctx.axes("kv_heads", s.K) if a not in ctx.gathered)
+        kv_local = tokens * (s.K // ctx.size(kv_ax)) * s.Q * ab
+        attn += [Coll("attention", "all-gather", name, ctx.size(seq_axes), kv_local) for name in ("k", "v")]
     attn += _project_out(ctx, "attention", tokens, s.E, "o", s.N, s.Q, "q_heads", ab, wb, scatter_out=not parallel)
     return attn + mlp
 

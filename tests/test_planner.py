@@ -147,15 +147,16 @@ def _engine(cfg, layout, batch=8, **kw):
 
 @pytest.mark.parametrize("layout", ["1d_weight_stationary", "2d_weight_stationary", "weight_gathered_x",
                                     "weight_gathered_xy", "weight_gathered_xyz"])
-def test_predicted_mlp_collectives_equal_compiled(layout):
+@pytest.mark.parametrize("block", ["mlp", "attention"])
+def test_predicted_collectives_equal_compiled(layout, block):
     engine = _engine(CFG, layout)
     for phase, batch, seq in (("decode", 8, 1), ("prefill", 1, engine.buckets[0])):
-        got = {kind: sizes for (block, kind), sizes in per_layer(compiled_collectives(engine, phase)).items()
-               if block == "mlp"}
+        got = {kind: sizes for (b, kind), sizes in per_layer(compiled_collectives(engine, phase)).items()
+               if b == block}
         est = planner.estimate(CFG, "tpu-v4", MESH, phase, batch, seq, layout, "heads", weight_bytes=4, act_bytes=4)
         want = {}
         for c in est.layer_collectives:
-            if c.block == "mlp":
+            if c.block == block:
                 want.setdefault(c.kind, []).append(c.operand_bytes)
         assert got == {k: sorted(v) for k, v in want.items()}, (layout, phase)
         assert est.collectives == {k: CFG.n_layers * sum(v) for k, v in
