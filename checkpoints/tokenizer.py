@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from shardlm.checkpoints.gguf import CheckpointError
 

@@ -78,6 +78,20 @@ class Placement:
                    decode.rules(mesh, "decode", batch_size, config.n_kv_heads, attention))
 
 
+    def place(self, model: nnx.Module) -> nnx.Module:
+        """The model with every parameter moved (device to device) to its decode-layout sharding."""
+        to = self.decode_rules.sharding_fn(self.mesh)
+        graphdef, state = nnx.split(model)
+        flat = [(path, var.replace(jax.device_put(var[...], to(var.get_metadata()["axes"], var.shape))))
+                for path, var in nnx.to_flat_state(state)]
+        return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+    def engine(self, model: nnx.Module, batch_size: int, max_seq_len: int) -> Engine:
+        """An Engine for `model` on this placement (parameters placed first)."""
+        return Engine(self.place(model), batch_size=batch_size, max_seq_len=max_seq_len, mesh=self.mesh,
+                      prefill_rules=self.prefill_rules, decode_rules=self.decode_rules)
+
+
 class LLM:
     def __init__(self, loaded: loader.LoadedModel, engine: Engine, placement: Placement):
         self.config = loaded.config
@@ -128,11 +142,8 @@ class LLM:
         batch_size = batch_size or self.engine.batch_size
         placement = Placement.make(self.config, mesh_shape=mesh_shape, layout=layout, prefill_layout=prefill_layout,
                                    decode_layout=decode_layout, attention=attention, batch_size=batch_size)
-        to = placement.decode_rules.sharding_fn(placement.mesh)
-        graphdef, state = nnx.split(nnx.merge(self.engine.graphdef, self.params))
-        flat = [(path, var.replace(jax.device_put(var[...], to(var.get_metadata()["axes"], var.shape))))
-                for path, var in nnx.to_flat_state(state)]
-        loaded = dataclasses.replace(self._loaded, model=nnx.merge(graphdef, nnx.from_flat_state(flat)))
+        model = placement.place(nnx.merge(self.engine.graphdef, self.params))
+        loaded = dataclasses.replace(self._loaded, model=model)
         return self._build(loaded, placement, batch_size, max_seq_len or self.engine.max_seq_len)
 
     @property

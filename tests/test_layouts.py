@@ -1,13 +1,12 @@
 """Pope et al.'s layouts on 8 virtual CPU devices: same tokens as one device, the shardings and
 per-device memory each layout implies, and the collectives of the paper in the compiled program."""
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from shardlm.engine import Engine, SamplingParams
+from shardlm.engine import SamplingParams
 from shardlm.engine.llm import Placement
 from shardlm.models.config import ModelConfig
 from shardlm.models.llama import Llama
@@ -128,11 +127,7 @@ CFG = ModelConfig("divisible", vocab_size=512, d_model=256, n_layers=2, n_heads=
 
 def _engine(cfg, layout, batch=8, **kw):
     placement = Placement.make(cfg, mesh_shape=MESH, layout=layout, batch_size=batch, **kw)
-    to = placement.decode_rules.sharding_fn(placement.mesh)
-    graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
-    flat = [(p, v.replace(jax.device_put(v[...], to(v.get_metadata()["axes"], v.shape)))) for p, v in nnx.to_flat_state(state)]
-    return Engine(nnx.merge(graphdef, nnx.from_flat_state(flat)), batch_size=batch, max_seq_len=256,
-                  mesh=placement.mesh, prefill_rules=placement.prefill_rules, decode_rules=placement.decode_rules)
+    return placement.engine(Llama(cfg, rngs=nnx.Rngs(0)), batch_size=batch, max_seq_len=256)
 
 
 def _pope_mlp(layout, tokens, E, F, f32=4):

@@ -1,6 +1,5 @@
 """Packaging and boundaries: one `shardlm` namespace, mesh axis names only in sharding/."""
 
-import os
 import pathlib
 import re
 import subprocess

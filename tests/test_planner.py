@@ -6,11 +6,9 @@ import subprocess
 import sys
 import json
 
-import jax
 import pytest
 from flax import nnx
 
-from shardlm.engine import Engine
 from shardlm.engine.llm import Placement
 from shardlm.models.config import ModelConfig, preset
 from shardlm.models.llama import Llama
@@ -138,11 +136,7 @@ CFG = ModelConfig("divisible", vocab_size=512, d_model=256, n_layers=2, n_heads=
 
 def _engine(cfg, layout, batch=8, **kw):
     placement = Placement.make(cfg, mesh_shape=MESH, layout=layout, batch_size=batch, **kw)
-    to = placement.decode_rules.sharding_fn(placement.mesh)
-    graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
-    flat = [(p, v.replace(jax.device_put(v[...], to(v.get_metadata()["axes"], v.shape)))) for p, v in nnx.to_flat_state(state)]
-    return Engine(nnx.merge(graphdef, nnx.from_flat_state(flat)), batch_size=batch, max_seq_len=256,
-                  mesh=placement.mesh, prefill_rules=placement.prefill_rules, decode_rules=placement.decode_rules)
+    return placement.engine(Llama(cfg, rngs=nnx.Rngs(0)), batch_size=batch, max_seq_len=256)
 
 
 @pytest.mark.parametrize("layout", ["1d_weight_stationary", "2d_weight_stationary", "weight_gathered_x",
