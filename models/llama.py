@@ -171,7 +171,10 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens, positions, cache, logits_index=None):
         """tokens, positions [B,T] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B]), cache."""
-        x = shard(_w(self.embed)[tokens], ("batch", "seq", "act_embed"))  # [B, T, D]
+        # Look up rows in the table's own D sharding, then move to the residual's: XLA 0.11's
+        # partitioner aborts on a gather whose output is split further than its operand.
+        x = shard(_w(self.embed)[tokens], ("batch", "seq", "act_embed_lookup"))
+        x = shard(x, ("batch", "seq", "act_embed"))  # [B, T, D]
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):

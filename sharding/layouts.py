@@ -126,7 +126,8 @@ LAYOUTS: dict[str, Layout] = {
                "reduce-scattered over x between the two matmuls",
                weights=dict(embed=("x",), mlp=("y", "z"), q_heads=("y", "z"), kv_heads=("y", "z"), vocab=("y", "z")),
                gathered=(),
-               acts=dict(act_embed=XYZ, act_vocab=("y", "z")),
+               # The embedding lookup's output keeps the table's E_x first (see models/llama.py).
+               acts=dict(act_embed=XYZ, act_vocab=("y", "z"), act_embed_lookup=("x",)),
                heads_axes=("y", "z", "x")),
         _weight_gathered(("x",)),
         _weight_gathered(("x", "y")),
