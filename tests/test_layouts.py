@@ -1,6 +1,9 @@
 """Pope et al.'s layouts on 8 virtual CPU devices: same tokens as one device, the shardings and
 per-device memory each layout implies, and the collectives of the paper in the compiled program."""
 
+import gc
+
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -19,6 +22,15 @@ PROMPTS = ["What is the capital of France?", "Hi", "Tell me a story about a drag
            "List three prime numbers between ten and thirty."]
 NEW = SamplingParams(max_new_tokens=32, ignore_eos=True)
 LOGIT_TOL = 1e-3  # float32 logits of one prompt, sharded vs one device (reduction order differs)
+
+
+@pytest.fixture(autouse=True)
+def _free_device_memory():
+    """Each layout holds its own copy of the weights on 8 devices (replicated: 8 x 540 MB); drop the
+    last test's engines and their compiled steps before the next, or the suite outgrows 24 GiB."""
+    yield
+    gc.collect()
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="module")
