@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -519,6 +520,20 @@ def derive(res: dict, cfg: ModelConfig, roof: dict, N: int) -> dict:
     return d
 
 
+def source_state() -> dict:
+    """The commit measured, and files that differed from it when the run started."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain")
+    return {"commit": git("rev-parse", "HEAD"), "modified": status.splitlines() if status else []}
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -651,10 +666,13 @@ def main(argv=None) -> dict:
     torch.set_num_threads(os.cpu_count())
     started = datetime.datetime.now(datetime.timezone.utc)
     res: dict = {"benchmark": "decode_cpu", "date": started.isoformat(timespec="seconds"), "machine": machine(),
-                 "args": vars(args)}
+                 "source": source_state(), "args": vars(args)}
     log(f"decode_cpu  {res['date']}  {res['machine']['cpu']}, {res['machine']['cores']} cores, "
         f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}")
+    src = res["source"]
+    log(f"shardlm at {(src['commit'] or 'unknown')[:10]}"
+        + (f" with {len(src['modified'])} files modified or untracked" if src["modified"] else ""))
     log("rooflines ...")
     roof = {"start": measured("rooflines start", lambda: rooflines(reps=10 if args.quick else 20), args)}
     res["roofline"] = roof

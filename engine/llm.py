@@ -62,12 +62,7 @@ class Placement:
         if "auto" in (layout, prefill_layout, decode_layout):  # the planner's best for these devices
             from shardlm.sharding import planner
 
-            device = mesh.devices.flat[0]
-            chip = planner.chip_for_device_kind(device.device_kind, device.platform)
-            shape = {a: mesh.shape[a] for a in ("x", "y", "z")}
-            context = min(config.max_seq_len, 1024)
-            pick = {ph: planner.best(config, chip, mesh.size if mesh.size == 1 else shape, ph, b, context).layout
-                    for ph, b in (("prefill", 1), ("decode", batch_size))}
+            pick = planner.auto_layouts(config, mesh, batch_size)
             prefill_layout = pick["prefill"] if "auto" in (layout, prefill_layout) else prefill_layout
             decode_layout = pick["decode"] if "auto" in (layout, decode_layout) else decode_layout
             layout = None
@@ -109,7 +104,8 @@ class LLM:
              progress: Callable[[int], None] | None = None) -> "LLM":
         """Load a GGUF file (None: the embedded SmolLM2-135M-Instruct) onto a mesh.
 
-        mesh_shape: e.g. {"x": 2, "y": 2, "z": 2} over all devices (None: one device).
+        mesh_shape: sizes of the mesh axes (stage, x, y, z; see sharding.mesh) over all devices
+        (None: one device).
         layout: one layout for both phases, or prefill_layout/decode_layout separately (see
         `shardlm layouts`); default replicated on one device, else 2d_weight_stationary.
         attention: "auto", "heads" or "batch" (batch-sharded KV cache for multiquery/GQA).

@@ -444,3 +444,14 @@ def ffn_comm_bytes(d_model, d_ff, mesh_shape, layout, tokens, n_in=1, act_bytes=
     s = _Shape(d_model, d_ff, 1, 1, 2, n_in)
     colls = layer_collectives(ctx, s, tokens, 1, False, act_bytes, weight_bytes, ffn_only=True)
     return sum(c.cost_bytes for c in colls if c.what != "rmsnorm")
+
+
+def auto_layouts(config, mesh, batch_size: int, context: int = 1024) -> dict[str, str]:
+    """{"prefill": layout, "decode": layout}: the planner's best for this mesh's devices
+    (`layout="auto"`), at a context of min(the model's, `context`)."""
+    device = mesh.devices.flat[0]
+    chip = chip_for_device_kind(device.device_kind, device.platform)
+    shape = mesh.size if mesh.size == 1 else {a: mesh.shape[a] for a in ("x", "y", "z")}
+    context = min(config.max_seq_len, context)
+    return {phase: best(config, chip, shape, phase, batch, context).layout
+            for phase, batch in (("prefill", 1), ("decode", batch_size))}
