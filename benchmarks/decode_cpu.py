@@ -1,6 +1,6 @@
 """Decode and prefill on CPU, float32: shardlm against HF transformers `generate`, same run.
 
-    python benchmarks/decode_cpu.py            # full run (about 7 minutes on a quiet 2-core machine)
+    python benchmarks/decode_cpu.py            # full run (about 8 minutes on a quiet 2-core machine)
     python benchmarks/decode_cpu.py --quick    # fewer tokens and repetitions
 
 Two models, each side by side with HF transformers on the same weights and the same prompts:
@@ -21,13 +21,18 @@ B * (new_tokens - 1) / decode time.
   the same batch and prompt length, minus the prefill time of the same batch (one forward over the
   prompt with logits_to_keep=1, which is what `generate` runs first), timed separately. A stopping
   criterion that timestamps every token gives a second, direct figure (first to last token).
+- Rounds: the two sides are timed back to back, shardlm then HF, in --rounds interleaved rounds
+  (SmolLM2, default 3; TinyLlama --tiny-rounds, default 2), so slow drift of the machine hits both
+  alike; the report gives medians over rounds, and ratios are medians of per-round ratios.
 - Rooflines, timed in this run: memory bandwidth from a jitted [8192, 8192] float32 matrix-vector
   product (and torch.mv on the same matrix), float32 matmul peak from a [2048]^3 product, at the start
   and at the end. Decode MBU = parameter bytes (each weight is read once per step) / mean step time /
-  the best bandwidth of the same JAX matrix-vector product timed just before and just after that decode
-  measurement (this machine's bandwidth drifts by 10-20% over minutes); the MBU against the best
-  bandwidth of the whole run is printed below it. Prefill MFU = model FLOPs (2 * tokens * layer
-  parameters, causal attention, one logits row) / prefill time / the best JAX matmul rate of the run.
+  the median bandwidth of the same JAX matrix-vector product sampled before, every 16 steps of
+  (outside the timed steps; for HF inside a stopping criterion, its time subtracted), and after that
+  decode: this machine's bandwidth jumps between ~35 and ~55 GB/s for tens of seconds at a time, so a
+  figure from minutes earlier is no reference. The MBU against the best bandwidth of the whole run is
+  printed below it. Prefill MFU = model FLOPs (2 * tokens * layer parameters, causal attention, one
+  logits row) / prefill time / the best JAX matmul rate of the run.
 - Other processes: on a 2-core machine anything else running ruins the figures (torch's OpenMP
   barriers stall when one of its two threads is descheduled). Before each timed section the script
   waits for a quiet machine; it records the CPU share other processes took during the section and
@@ -82,12 +87,14 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
-def _cpu_busy_s() -> float:
-    """Seconds of CPU time the whole machine has spent busy (all processes, all cores)."""
+def _cpu_stat() -> tuple[float, float]:
+    """(busy, steal) seconds of CPU time of the whole machine (all processes, all cores) so far.
+    busy includes steal: time the hypervisor gave our virtual CPUs to someone else."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / tick, steal / tick
 
 
 class Others:
@@ -98,22 +105,25 @@ class Others:
     """
 
     def __init__(self):
-        self.sections: dict[str, float] = {}
+        self.sections: dict[str, float] = {}  # others + steal, as a share of all cores' time
+        self.steal: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
         self._open = None
 
     def begin(self, name: str) -> None:
         self.end()
-        self._open = (name, time.perf_counter(), _cpu_busy_s(), sum(os.times()[:2]))
+        self._open = (name, time.perf_counter(), _cpu_stat(), sum(os.times()[:2]))
 
     def end(self) -> None:
         if self._open is None:
             return
-        name, w0, b0, o0 = self._open
+        name, w0, (b0, s0), o0 = self._open
         self._open = None
-        wall = time.perf_counter() - w0
-        others = (_cpu_busy_s() - b0) - (sum(os.times()[:2]) - o0)
-        self.sections[name] = max(0.0, others / (wall * os.cpu_count()))
+        cap = (time.perf_counter() - w0) * os.cpu_count()
+        b1, s1 = _cpu_stat()
+        others = (b1 - b0) - (sum(os.times()[:2]) - o0)
+        self.sections[name] = max(0.0, others / cap)
+        self.steal[name] = (s1 - s0) / cap
 
 
 OTHERS = Others()
@@ -124,9 +134,9 @@ def wait_until_quiet(max_wait_s: float, threshold: float = 0.1, window_s: float 
     t0 = time.perf_counter()
     said = -60.0
     while True:
-        b0 = _cpu_busy_s()
+        b0 = _cpu_stat()[0]
         time.sleep(window_s)
-        busy = (_cpu_busy_s() - b0) / (window_s * os.cpu_count())
+        busy = (_cpu_stat()[0] - b0) / (window_s * os.cpu_count())
         waited = time.perf_counter() - t0
         if busy < threshold or waited > max_wait_s:
             return busy
@@ -194,11 +204,13 @@ def rooflines(rows: int = 8192, cols: int = 8192, reps: int = 20) -> dict:
 
 
 _MATVEC: dict = {}
+BW_SAMPLE_EVERY = 16  # decode steps between bandwidth samples
 
 
-def local_bandwidth(reps: int = 10, rows: int = 8192, cols: int = 8192) -> float:
-    """Best JAX [rows, cols] f32 matrix-vector bandwidth right now (bytes/s). Timed next to each decode
-    measurement: this machine's memory bandwidth drifts by 10-20% over minutes (other VMs on the host)."""
+def local_bandwidth(reps: int = 3, rows: int = 8192, cols: int = 8192) -> float:
+    """Best JAX [rows, cols] f32 matrix-vector bandwidth right now (bytes/s). Sampled during each decode
+    measurement: this machine's bandwidth jumps between ~35 and ~55 GB/s for tens of seconds at a time
+    (other VMs on the host, presumably), so a figure from minutes earlier is no reference."""
     if not _MATVEC:
         rng = np.random.default_rng(3)
         _MATVEC["a"] = jnp.asarray(rng.standard_normal((rows, cols), dtype=np.float32))
@@ -267,20 +279,22 @@ def jax_decode(engine: Engine, params, prompts, steps: int, warm_steps: int = 3)
         state, tokens = engine.generate(params, state)
     jax.block_until_ready((state, tokens))
     state = filled()
-    bw_before = local_bandwidth()
+    bw = [local_bandwidth()]
     times = []
-    for _ in range(steps):
+    for i in range(steps):
         t0 = time.perf_counter()
         state, tokens = engine.generate(params, state)
         np.asarray(tokens)  # the host reads every step's tokens, as the batching loop does
         times.append(time.perf_counter() - t0)
-    bw_after = local_bandwidth()
+        if (i + 1) % BW_SAMPLE_EVERY == 0:  # between steps, outside their timing
+            bw.append(local_bandwidth())
+    bw.append(local_bandwidth())
     del state
     B = engine.batch_size
     total = sum(times)
     return {"steps": steps, "total_s": total, "mean_step_s": total / steps, "median_step_s": median(times),
             "tok_s": B * steps / total, "median_step_tok_s": B / median(times),
-            "bandwidth_before": bw_before, "bandwidth_after": bw_after}
+            "bandwidth": median(bw), "bandwidth_samples": bw}
 
 
 def jax_end_to_end(llm: LLM, prompts, new_tokens: int) -> dict:
@@ -296,13 +310,20 @@ def jax_end_to_end(llm: LLM, prompts, new_tokens: int) -> dict:
 # ----- HF side -----
 
 class _Stamps(transformers.StoppingCriteria):
-    """Timestamps every generated token (called once per token, never stops generation)."""
+    """Timestamps every generated token (called once per token, never stops generation), and every
+    BW_SAMPLE_EVERY tokens times the bandwidth matvec; `times` and `paused` leave that time out."""
 
     def __init__(self):
         self.times: list[float] = []
+        self.paused = 0.0
+        self.bandwidth: list[float] = []
 
     def __call__(self, input_ids, scores, **kwargs):
-        self.times.append(time.perf_counter())
+        now = time.perf_counter()
+        self.times.append(now - self.paused)
+        if len(self.times) % BW_SAMPLE_EVERY == 0:
+            self.bandwidth.append(local_bandwidth())
+            self.paused += time.perf_counter() - now
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -329,8 +350,8 @@ def hf_generate(model, prompts: np.ndarray, new_tokens: int, prefill_s: float, p
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          stopping_criteria=transformers.StoppingCriteriaList([stamps]), **kw)
-    total = time.perf_counter() - t0
-    bw_after = local_bandwidth()
+    total = time.perf_counter() - t0 - stamps.paused  # without the bandwidth samples
+    bw = [bw_before] + stamps.bandwidth + [local_bandwidth()]
     B, P = prompts.shape
     generated = out[:, P:]
     assert generated.shape == (B, new_tokens), f"HF generated {tuple(generated.shape)}, expected {(B, new_tokens)}"
@@ -342,7 +363,7 @@ def hf_generate(model, prompts: np.ndarray, new_tokens: int, prefill_s: float, p
             "decode_s": decode_s, "tok_s": B * steps / decode_s, "mean_step_s": decode_s / steps,
             "stamped_decode_s": stamped_s, "stamped_tok_s": B * steps / stamped_s,
             "median_step_s": median(intervals), "median_step_tok_s": B / median(intervals),
-            "bandwidth_before": bw_before, "bandwidth_after": bw_after,
+            "bandwidth": median(bw), "bandwidth_samples": bw,
             "token_ids": generated.numpy().tolist()}
 
 
@@ -374,34 +395,55 @@ def measured(name: str, fn, args):
     return result
 
 
+def med_tree(items: list):
+    """Median over rounds of every numeric leaf (the rounds are dicts of one shape)."""
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: med_tree([it[k] for it in items]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return median(items)
+    return first
+
+
+def jax_round(engine: Engine, params, rows, N: int, reps: int, prefill: bool, llm: LLM | None = None) -> dict:
+    r = {}
+    if prefill:
+        r["prefill"] = jax_prefill(engine, params, rows[0], reps)
+    r["decode"] = jax_decode(engine, params, rows, N - 1)
+    if llm is not None:
+        r["e2e"] = jax_end_to_end(llm, rows, N)
+    return r
+
+
+def hf_round(model, prompts: np.ndarray, N: int, reps: int, pad_id: int) -> dict:
+    hp = hf_prefill(model, prompts, reps)
+    return {"prefill": hp, "generate": hf_generate(model, prompts, N, hp["median_s"], pad_id)}
+
+
+def interleaved(label: str, B: int, rounds: int, run_jax, run_hf, args) -> tuple[list, list]:
+    """`rounds` rounds of (shardlm, HF), alternating, so slow drift of the machine hits both alike."""
+    jr, hr = [], []
+    for i in range(rounds):
+        jr.append(measured(f"{label} shardlm B={B} round {i + 1}", run_jax, args))
+        hr.append(measured(f"{label} HF B={B} round {i + 1}", run_hf, args))
+        log(f"  B={B} round {i + 1}/{rounds}: decode shardlm {jr[-1]['decode']['tok_s']:.2f} tok/s, "
+            f"HF {hr[-1]['generate']['tok_s']:.2f} (timestamped {hr[-1]['generate']['stamped_tok_s']:.2f})")
+    return jr, hr
+
+
 def smollm2(args) -> tuple[dict, ModelConfig]:
     P, N = args.prompt_len, args.new_tokens
     path = embedded_model_path()
     out: dict = {"model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32)", "gguf": path,
-                 "prompt_len": P, "new_tokens": N, "batches": {}}
+                 "prompt_len": P, "new_tokens": N, "rounds": args.rounds, "batches": {}}
     rng = np.random.default_rng(1)
-    jax_side, prompts = {}, {}
+    llms, load_s, prompts = {}, {}, {}
     for B in args.batches:
         t0 = time.perf_counter()
-        llm = LLM.load(None, batch_size=B, max_seq_len=max(256, P + N))
-        load_s = time.perf_counter() - t0
-        cfg = llm.config
+        llms[B] = LLM.load(None, batch_size=B, max_seq_len=max(256, P + N))
+        load_s[B] = time.perf_counter() - t0
+        cfg = llms[B].config
         prompts[B] = rng.integers(0, cfg.vocab_size, (B, P)).astype(np.int32)
-        rows = [p.tolist() for p in prompts[B]]
-
-        def run(llm=llm, B=B, rows=rows):
-            r = {}
-            if B == 1:
-                r["prefill"] = jax_prefill(llm.engine, llm.params, rows[0], args.reps)
-            r["decode"] = jax_decode(llm.engine, llm.params, rows, N - 1)
-            r["e2e"] = jax_end_to_end(llm, rows, N)
-            return r
-
-        r = {"load_s": load_s, "param_bytes": params_nbytes(llm.params)} | measured(f"SmolLM2 shardlm B={B}", run, args)
-        jax_side[B] = r
-        log(f"  shardlm B={B}: decode {r['decode']['tok_s']:.1f} tok/s, end to end {r['e2e']['tok_s']:.1f} tok/s")
-        del llm, run
-        gc.collect()
     out["config"] = cfg.__dict__ | {"rope_scaling": cfg.rope_scaling.__dict__}
 
     t0 = time.perf_counter()
@@ -412,25 +454,30 @@ def smollm2(args) -> tuple[dict, ModelConfig]:
     hf_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     pad_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
     pad_id = pad_id[0] if isinstance(pad_id, list) else pad_id
-    for B in args.batches:
-        def run(B=B):
-            hp = hf_prefill(model, prompts[B], args.reps)
-            return hp, hf_generate(model, prompts[B], N, hp["median_s"], pad_id)
 
-        hp, hg = measured(f"SmolLM2 HF B={B}", run, args)
-        log(f"  HF      B={B}: decode {hg['tok_s']:.1f} tok/s (timestamped {hg['stamped_tok_s']:.1f}), "
-            f"end to end {hg['end_to_end_tok_s']:.1f} tok/s")
-        r = jax_side[B]
-        prefixes = [common_prefix(a, b) for a, b in zip(r["e2e"].pop("token_ids"), hg.pop("token_ids"))]
-        row = {"jax": r, "hf": {"load_s": hf_load_s, "param_bytes": hf_bytes, "prefill": hp, "generate": hg},
-               "greedy_tokens_identical_prefix": prefixes}
+    for B in args.batches:
+        llm, rows = llms[B], [p.tolist() for p in prompts[B]]
+        jr, hr = interleaved(
+            "SmolLM2", B, args.rounds,
+            lambda: jax_round(llm.engine, llm.params, rows, N, args.reps, prefill=B == 1, llm=llm),
+            lambda: hf_round(model, prompts[B], N, args.reps, pad_id), args)
+        # Same weights, same greedy decoding: the tokens of both sides should agree (first round).
+        row = {"greedy_tokens_identical_prefix": [common_prefix(a, b) for a, b in
+                                                  zip(jr[0]["e2e"]["token_ids"], hr[0]["generate"]["token_ids"])]}
         if B == 1:
-            jl, hl = r["prefill"].pop("logits"), hp["logits"][0]
+            jl, hl = jr[0]["prefill"]["logits"], hr[0]["prefill"]["logits"][0]
             row["prefill_logits_max_abs_diff"] = float(np.max(np.abs(jl - hl)))
             row["prefill_argmax_equal"] = bool(np.argmax(jl) == np.argmax(hl))
-        hp.pop("logits")
+        for r in jr:
+            r["e2e"].pop("token_ids")
+            r.get("prefill", {}).pop("logits", None)
+        for r in hr:
+            r["generate"].pop("token_ids")
+            r["prefill"].pop("logits")
+        row["jax"] = {"load_s": load_s[B], "param_bytes": params_nbytes(llm.params), "rounds": jr}
+        row["hf"] = {"load_s": hf_load_s, "param_bytes": hf_bytes, "rounds": hr}
         out["batches"][B] = row
-    del model
+    del model, llms, llm
     gc.collect()
     return out, cfg
 
@@ -439,7 +486,7 @@ def tinyllama(args) -> tuple[dict, ModelConfig]:
     P, N, N_hf = args.prompt_len, args.tiny_new_tokens, args.tiny_hf_new_tokens
     cfg = preset("tinyllama-1.1b")
     out: dict = {"model": "TinyLlama-1.1B shape, random weights", "config": cfg.__dict__ | {"rope_scaling": cfg.rope_scaling.__dict__},
-                 "prompt_len": P, "new_tokens": N, "hf_new_tokens": N_hf, "batches": {}}
+                 "prompt_len": P, "new_tokens": N, "hf_new_tokens": N_hf, "rounds": args.tiny_rounds, "batches": {}}
     prompt = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, P)).astype(np.int32)
     reps = max(2, args.reps // 2)
 
@@ -447,17 +494,7 @@ def tinyllama(args) -> tuple[dict, ModelConfig]:
     engine = Engine(Llama(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)), batch_size=1, max_seq_len=max(256, P + N))
     params = engine.params
     jax.block_until_ready(params)
-    r = {"init_s": time.perf_counter() - t0, "param_bytes": params_nbytes(params)}
-
-    def run_jax():
-        pf = jax_prefill(engine, params, prompt[0].tolist(), reps)
-        pf.pop("logits")
-        return {"prefill": pf, "decode": jax_decode(engine, params, [prompt[0].tolist()], N - 1)}
-
-    r |= measured("TinyLlama shardlm", run_jax, args)
-    log(f"  shardlm B=1: decode {r['decode']['tok_s']:.2f} tok/s")
-    del engine, params, run_jax
-    gc.collect()
+    init_s = time.perf_counter() - t0
 
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
@@ -470,53 +507,59 @@ def tinyllama(args) -> tuple[dict, ModelConfig]:
     hf_init_s = time.perf_counter() - t0
     hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
 
-    def run_hf():
-        hp = hf_prefill(hf, prompt, reps)
-        hp.pop("logits")
-        hg = hf_generate(hf, prompt, N_hf, hp["median_s"], pad_id=0)
-        hg.pop("token_ids")
-        return hp, hg
-
-    hp, hg = measured("TinyLlama HF", run_hf, args)
-    log(f"  HF      B=1: decode {hg['tok_s']:.2f} tok/s (timestamped {hg['stamped_tok_s']:.2f})")
-    del hf, run_hf
+    jr, hr = interleaved("TinyLlama", 1, args.tiny_rounds,
+                         lambda: jax_round(engine, params, [prompt[0].tolist()], N, reps, prefill=True),
+                         lambda: hf_round(hf, prompt, N_hf, reps, pad_id=0), args)
+    for r in jr:
+        r["prefill"].pop("logits")
+    for r in hr:
+        r["prefill"].pop("logits")
+        r["generate"].pop("token_ids")
+    out["batches"][1] = {"jax": {"init_s": init_s, "param_bytes": params_nbytes(params), "rounds": jr},
+                         "hf": {"init_s": hf_init_s, "param_bytes": hf_bytes, "rounds": hr}}
+    del engine, params, hf
     gc.collect()
-    out["batches"][1] = {"jax": r, "hf": {"init_s": hf_init_s, "param_bytes": hf_bytes, "prefill": hp, "generate": hg}}
     return out, cfg
 
 
+def derive_round(cfg: ModelConfig, P: int, S: int, B: int, j: dict, h: dict, jpb: int, hpb: int, roof: dict) -> dict:
+    """Ratios and utilisations of one round (one shardlm and one HF measurement, back to back)."""
+    bw, peak = roof["bandwidth_for_mbu"], roof["flops_for_mfu"]
+    # MBU against the median of the matrix-vector bandwidth sampled during the same decode;
+    # `*_run_best` against the best bandwidth seen anywhere in the run (more pessimistic).
+    jbw, hbw = j["decode"]["bandwidth"], h["generate"]["bandwidth"]
+    jstep, hstep = j["decode"]["mean_step_s"], h["generate"]["mean_step_s"]
+    x = {"decode_ratio": j["decode"]["tok_s"] / h["generate"]["tok_s"],
+         "decode_ratio_vs_stamped": j["decode"]["tok_s"] / h["generate"]["stamped_tok_s"],
+         "decode_ratio_median_step": j["decode"]["median_step_tok_s"] / h["generate"]["median_step_tok_s"],
+         "jax_bandwidth": jbw, "hf_bandwidth": hbw,
+         "jax_mbu": jpb / jstep / jbw,
+         "jax_mbu_with_kv": (jpb + kv_bytes_per_step(cfg, B, S)) / jstep / jbw,
+         "hf_mbu": hpb / hstep / hbw,
+         "jax_mbu_run_best": jpb / jstep / bw,
+         "hf_mbu_run_best": hpb / hstep / bw,
+         "jax_ideal_step_s": jpb / jbw}
+    if "e2e" in j:
+        x["end_to_end_ratio"] = j["e2e"]["tok_s"] / h["generate"]["end_to_end_tok_s"]
+    if "prefill" in j:
+        f = prefill_flops(cfg, P)
+        x["prefill_ratio"] = h["prefill"]["median_s"] / j["prefill"]["median_s"]  # > 1: shardlm faster
+        x["prefill_flops"] = f
+        x["jax_prefill_mfu"] = f / j["prefill"]["median_s"] / peak
+        x["hf_prefill_mfu"] = f / h["prefill"]["median_s"] / peak
+    return x
+
+
 def derive(res: dict, cfg: ModelConfig, roof: dict, N: int) -> dict:
-    bw = roof["bandwidth_for_mbu"]
-    peak = roof["flops_for_mfu"]
+    """Per batch: medians over rounds of each round's ratios and utilisations (and the rounds)."""
     P = res["prompt_len"]
+    S = max(256, P + N)  # the cache length the engines above were built with
     d = {}
     for B, row in res["batches"].items():
         j, h = row["jax"], row["hf"]
-        pb = j["param_bytes"]
-        S = max(256, P + N)  # the cache length the engines above were built with
-        # MBU against the matrix-vector bandwidth timed just before and after the same decode (best of
-        # the two); `*_run_best` against the best bandwidth seen anywhere in the run (more pessimistic).
-        jbw = max(j["decode"]["bandwidth_before"], j["decode"]["bandwidth_after"])
-        hbw = max(h["generate"]["bandwidth_before"], h["generate"]["bandwidth_after"])
-        x = {"decode_ratio": j["decode"]["tok_s"] / h["generate"]["tok_s"],
-             "decode_ratio_vs_stamped": j["decode"]["tok_s"] / h["generate"]["stamped_tok_s"],
-             "decode_ratio_median_step": j["decode"]["median_step_tok_s"] / h["generate"]["median_step_tok_s"],
-             "jax_bandwidth": jbw, "hf_bandwidth": hbw,
-             "jax_mbu": pb / j["decode"]["mean_step_s"] / jbw,
-             "jax_mbu_with_kv": (pb + kv_bytes_per_step(cfg, B, S)) / j["decode"]["mean_step_s"] / jbw,
-             "hf_mbu": h["param_bytes"] / h["generate"]["mean_step_s"] / hbw,
-             "jax_mbu_run_best": pb / j["decode"]["mean_step_s"] / bw,
-             "hf_mbu_run_best": h["param_bytes"] / h["generate"]["mean_step_s"] / bw,
-             "jax_ideal_step_s": pb / jbw}
-        if "e2e" in j:
-            x["end_to_end_ratio"] = j["e2e"]["tok_s"] / h["generate"]["end_to_end_tok_s"]
-        if "prefill" in j:
-            f = prefill_flops(cfg, P)
-            x["prefill_ratio"] = h["prefill"]["median_s"] / j["prefill"]["median_s"]  # > 1: shardlm faster
-            x["prefill_flops"] = f
-            x["jax_prefill_mfu"] = f / j["prefill"]["median_s"] / peak
-            x["hf_prefill_mfu"] = f / h["prefill"]["median_s"] / peak
-        d[B] = x
+        xs = [derive_round(cfg, P, S, B, jr, hr, j["param_bytes"], h["param_bytes"], roof)
+              for jr, hr in zip(j["rounds"], h["rounds"])]
+        d[B] = med_tree(xs) | {"rounds": xs}
     return d
 
 
@@ -578,10 +621,11 @@ def report(res: dict) -> None:
         n_hf = m.get("hf_new_tokens", m["new_tokens"])
         log(f"{title}: {m['prompt_len']}-token prompt, {m['new_tokens']} new tokens"
             + (f" (HF: {n_hf})" if n_hf != m["new_tokens"] else "")
-            + f"; parameters {next(iter(m['batches'].values()))['jax']['param_bytes'] / 1e6:.0f} MB")
+            + f"; parameters {next(iter(m['batches'].values()))['jax']['param_bytes'] / 1e6:.0f} MB"
+            + (f"; medians of {m['rounds']} interleaved rounds" if m["rounds"] > 1 else ""))
         hdr = f"  {'':26s}{'shardlm':>12s}{'HF':>12s}{'ratio':>9s}"
         for B, row in m["batches"].items():
-            j, h, d = row["jax"], row["hf"], m["derived"][B]
+            j, h, d = med_tree(row["jax"]["rounds"]), med_tree(row["hf"]["rounds"]), m["derived"][B]
             log(f" batch {B}")
             log(hdr)
             if "prefill" in j:
@@ -595,7 +639,7 @@ def report(res: dict) -> None:
             log(f"  {'decode step (ms)':26s}{j['decode']['mean_step_s'] * 1e3:12.1f}{h['generate']['mean_step_s'] * 1e3:12.1f}")
             log(f"  {'decode tok/s, median step':26s}{j['decode']['median_step_tok_s']:12.2f}"
                 f"{h['generate']['median_step_tok_s']:12.2f}{d['decode_ratio_median_step']:8.2f}x")
-            log(f"  {'matvec GB/s at decode':26s}{d['jax_bandwidth'] / 1e9:12.1f}{d['hf_bandwidth'] / 1e9:12.1f}")
+            log(f"  {'matvec GB/s during decode':26s}{d['jax_bandwidth'] / 1e9:12.1f}{d['hf_bandwidth'] / 1e9:12.1f}")
             log(f"  {'decode MBU (params)':26s}{d['jax_mbu']:12.0%}{d['hf_mbu']:12.0%}")
             log(f"  {'  vs best GB/s of the run':26s}{d['jax_mbu_run_best']:12.0%}{d['hf_mbu_run_best']:12.0%}")
             log(f"  {'  shardlm MBU params+KV':26s}{d['jax_mbu_with_kv']:12.0%}")
@@ -609,10 +653,15 @@ def report(res: dict) -> None:
                        f"argmax equal: {row['prefill_argmax_equal']}" if "prefill_logits_max_abs_diff" in row else ""))
 
     log()
-    log("CPU share taken by other processes during each section (timings are only trustworthy near 0%):")
-    log("  " + ", ".join(f"{k} {v:.0%}" + (f" ({res['attempts'][k]} tries)" if res["attempts"].get(k, 1) > 1 else "")
-                         for k, v in res["other_processes_cpu_share"].items()))
-    disturbed = max(res["other_processes_cpu_share"].values()) > res["args"]["max_others"]
+    shares, attempts = res["other_processes_cpu_share"], res["attempts"]
+    worst = max(shares, key=shares.get)
+    log(f"CPU share taken by other processes (and steal) in each timed section: at most {shares[worst]:.0%} "
+        f"({worst}), steal at most {max(res['steal_share'].values()):.0%}; a section is rerun above "
+        f"{res['args']['max_others']:.0%}")
+    reruns = {k: n for k, n in attempts.items() if n > 1}
+    if reruns:
+        log("  rerun because of other load: " + ", ".join(f"{k} ({n} tries)" for k, n in reruns.items()))
+    disturbed = shares[worst] > res["args"]["max_others"]
     if disturbed:
         log("  WARNING: other processes ran during this benchmark; its figures are suspect, rerun on a quiet machine")
     log()
@@ -633,9 +682,11 @@ def report(res: dict) -> None:
     log()
     log("Decode tok/s counts the new_tokens - 1 tokens made by decode steps (the first comes from prefill).")
     log("HF decode = generate time minus its prefill (one forward, logits_to_keep=1, timed separately);")
+    log("ratios are medians of per-round ratios (each round times shardlm, then HF, back to back);")
     log("'timestamped' is first-to-last token inside generate; 'median step' uses the median step time on both")
-    log("sides (robust to bursts of other load). MBU: parameter bytes / mean step time / the best bandwidth of a")
-    log("[8192, 8192] f32 JAX matvec timed just before and after that decode (the run's best bandwidth below it).")
+    log("sides (robust to bursts of other load). MBU: parameter bytes / mean step time / the median bandwidth of")
+    log(f"a [8192, 8192] f32 JAX matvec sampled before, every {BW_SAMPLE_EVERY} steps of, and after that decode (outside")
+    log("the step timings); below it, against the run's best matvec bandwidth.")
     log("Warm-up and compilation excluded on both sides.")
 
 
@@ -648,6 +699,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny-hf-new-tokens", type=int, default=None, help="TinyLlama, HF side; default = --tiny-new-tokens")
     ap.add_argument("--reps", type=int, default=None, help="prefill repetitions (default 5, 3 with --quick)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=None, help="SmolLM2: interleaved shardlm/HF rounds (default 3, 1 with --quick)")
+    ap.add_argument("--tiny-rounds", type=int, default=None, help="TinyLlama: interleaved rounds (default 2, 1 with --quick)")
     ap.add_argument("--skip-tinyllama", action="store_true")
     ap.add_argument("--out-dir", default=RESULTS_DIR)
     ap.add_argument("--wait-quiet", type=float, default=600, metavar="S",
@@ -660,6 +713,8 @@ def main(argv=None) -> dict:
     args.tiny_new_tokens = args.tiny_new_tokens or (16 if args.quick else args.new_tokens)
     args.tiny_hf_new_tokens = args.tiny_hf_new_tokens or args.tiny_new_tokens
     args.reps = args.reps or (3 if args.quick else 5)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.tiny_rounds = args.tiny_rounds or (1 if args.quick else 2)
     if args.new_tokens < 2 or args.tiny_new_tokens < 2 or args.tiny_hf_new_tokens < 2:
         ap.error("new token counts must be >= 2 (one from prefill, at least one decode step)")
 
@@ -686,6 +741,7 @@ def main(argv=None) -> dict:
     roof["end"] = measured("rooflines end", lambda: rooflines(reps=10 if args.quick else 20), args)
     res["other_processes_cpu_share"] = OTHERS.sections
     res["attempts"] = OTHERS.attempts
+    res["steal_share"] = OTHERS.steal
     # Conservative: the best bandwidth and matmul rate seen anywhere in the run.
     roof["bandwidth_for_mbu"] = max(roof[t]["jax_matvec_bw"]["best"] for t in ("start", "end"))
     roof["flops_for_mfu"] = max(roof[t]["jax_matmul_flops"] for t in ("start", "end"))
