@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from shardlm.engine import SamplingParams
+from shardlm.engine import SamplingParams, batching
 from shardlm.engine.llm import Placement
 from shardlm.models.config import ModelConfig
 from shardlm.models.llama import Llama
@@ -63,17 +63,40 @@ def test_layout_gives_unsharded_tokens(base, reference, layout):
     """Batch 1 (4 prompts) under the layout in both phases, then a batch of 8 mixed-length prompts.
 
     At batch 1 a weight-gathered decode runs as 2D (Layout.effective) while its prefill is truly
-    weight-gathered (the prompt's positions split); at batch 8 its decode is truly weight-gathered,
-    and prefill is left to 2D there to spare XLA:CPU's slow weight all-gathers (~2 s a step).
+    weight-gathered (the prompt's positions split). Its truly weight-gathered decode (batch 8) runs on
+    the random model of test_weight_gathered_decode_gives_unsharded_tokens: on SmolLM2, XLA:CPU's
+    all-gathers of every weight take ~2 s a step (the layouts notebook runs it for 8 steps).
     """
     llm = base.relayout(mesh_shape=MESH, layout=layout, batch_size=1)
     assert llm.layouts[0] == layout
     _check_equal(llm, reference, 4)
-    gathered = layout.startswith("weight_gathered")
-    llm = base.relayout(mesh_shape=MESH, batch_size=8, decode_layout=layout,
-                        prefill_layout="2d_weight_stationary" if gathered else layout)
-    assert llm.layouts[1] == layout
-    _check_equal(llm, reference, 8)
+    if not layout.startswith("weight_gathered"):
+        llm = base.relayout(mesh_shape=MESH, batch_size=8, layout=layout)
+        assert llm.layouts == (layout, layout)
+        _check_equal(llm, reference, 8)
+
+
+# A random model whose heads, d_model and d_ff all divide over 8 devices (SmolLM2's 9/3 heads do not).
+CFG = ModelConfig("divisible", vocab_size=512, d_model=256, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=32,
+                  d_ff=1024, max_seq_len=256)
+TOKEN_PROMPTS = [[(7 * i + 3 * j) % CFG.vocab_size for j in range(5 + 3 * i)] for i in range(8)]
+
+
+def _greedy(engine, n_new=32):
+    requests = [batching.Request(p, SamplingParams(max_new_tokens=n_new, ignore_eos=True), key=i)
+                for i, p in enumerate(TOKEN_PROMPTS)]
+    return [r.token_ids for r in batching.run(engine, engine.params, requests)]
+
+
+@pytest.mark.parametrize("layout", ["weight_gathered_x", "weight_gathered_xy", "weight_gathered_xyz"])
+def test_weight_gathered_decode_gives_unsharded_tokens(layout):
+    """8 mixed-length prompts x 32 tokens at batch 8, decode truly weight-gathered, vs one device."""
+    model = Llama(CFG, rngs=nnx.Rngs(1))
+    reference = _greedy(Placement.make(CFG, batch_size=8).engine(model, batch_size=8, max_seq_len=64))
+    placement = Placement.make(CFG, mesh_shape=MESH, layout=layout, batch_size=8)
+    assert (placement.prefill_layout, placement.decode_layout) == (layout, layout)
+    assert _greedy(placement.engine(model, batch_size=8, max_seq_len=64)) == reference
+    assert len({tuple(t) for t in reference}) > 1  # the prompts lead to different continuations
 
 
 @pytest.mark.slow
@@ -132,10 +155,6 @@ def test_per_device_memory(base):
 
 
 # ----- collectives in the compiled program, against Pope et al.'s per-layer data flow -----
-
-CFG = ModelConfig("divisible", vocab_size=512, d_model=256, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=32,
-                  d_ff=1024, max_seq_len=256)
-
 
 def _engine(cfg, layout, batch=8, **kw):
     placement = Placement.make(cfg, mesh_shape=MESH, layout=layout, batch_size=batch, **kw)
