@@ -66,16 +66,49 @@ def materialize(abstract: nnx.Module, source: Callable[[tuple], np.ndarray],
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def materialize_sliced(abstract: nnx.Module, source: Callable[[tuple, tuple], np.ndarray],
+                       sharding_for: Callable[[tuple, tuple], jax.sharding.Sharding], progress=None) -> nnx.Module:
+    """Like `materialize`, but `source(path, index)` returns only the slice `index` a device holds,
+    so a process reads from the checkpoint just its own devices' shards (one read per distinct slice)."""
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        shape, dtype = tuple(var.shape), var.dtype
+        sharding = sharding_for(var.get_metadata().get("axes"), shape)
+        slices = {}  # replicas of one slice are read once
+
+        def read(index, path=path, shape=shape, dtype=dtype, slices=slices):
+            key = tuple(s.indices(n) for s, n in zip(index, shape))
+            if key not in slices:
+                part = np.asarray(source(path, index))
+                want = tuple(b - a for a, b, _ in key)
+                if part.shape != want:
+                    raise CheckpointError(f"parameter {'/'.join(map(str, path))}: read a slice of shape "
+                                          f"{part.shape}, expected {want}")
+                slices[key] = part.astype(dtype)
+            return slices[key]
+
+        flat.append((path, var.replace(jax.make_array_from_callback(shape, sharding, read))))
+        if progress is not None:
+            progress(1)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def _single_device_sharding(axes, shape):
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def load(path: str | None = None, *, dtype=jnp.float32, sharding_for=None, progress=None) -> LoadedModel:
-    """Load a GGUF file (path None: the embedded default) into a model whose arrays are sharded by
-    `sharding_for(config)(axes, shape)` (default: all on the first device)."""
+    """Load a GGUF file (path None: the embedded default), a Hugging Face folder (config.json +
+    *.safetensors) or a shardlm checkpoint folder into a model whose arrays are sharded by
+    `sharding_for(config)(axes, shape)` (default: all on the first device). dtype None keeps a
+    shardlm checkpoint's saved dtype (float32 for the other formats)."""
     path = embedded_model_path() if path is None else os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise CheckpointError(f"model path does not exist: {path}")
+    if os.path.isdir(path):
+        return _load_folder(path, dtype, sharding_for, progress)
+    dtype = jnp.float32 if dtype is None else dtype
     weights = GGUFWeights(path)
     try:
         config = ModelConfig.from_gguf_metadata(weights.metadata, weights.tensors.keys())
@@ -85,3 +118,26 @@ def load(path: str | None = None, *, dtype=jnp.float32, sharding_for=None, progr
     model = materialize(abstract_model(config, dtype), param_source(weights, config),
                         sharding_for(config) if sharding_for else _single_device_sharding, progress)
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path)
+
+
+def _load_folder(path: str, dtype, sharding_for, progress) -> LoadedModel:
+    from shardlm.checkpoints import hf, orbax_io
+
+    if orbax_io.is_checkpoint(path):
+        meta = orbax_io.read_metadata(path)
+        config = meta["config"]
+        abstract = abstract_model(config, jnp.dtype(meta["dtype"]) if dtype is None else dtype)
+        model = orbax_io.restore(path, abstract, sharding_for(config) if sharding_for else _single_device_sharding,
+                                 progress)
+        return LoadedModel(config=config, model=model, tokenizer=hf.load_tokenizer(path), source=path)
+    if hf.is_hf_folder(path):
+        config = hf.read_config(path)
+        weights = hf.HFWeights(path)
+        source = hf.param_slice_source(weights, config)  # checks every tensor before reading any
+        tokenizer = hf.load_tokenizer(path)
+        model = materialize_sliced(abstract_model(config, jnp.float32 if dtype is None else dtype), source,
+                                   sharding_for(config) if sharding_for else _single_device_sharding, progress)
+        weights.close()
+        return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path)
+    raise CheckpointError(f"{path} is a folder but neither a shardlm checkpoint ({orbax_io.FORMAT_FILE}) nor a "
+                          f"Hugging Face model ({hf.CONFIG_FILE} + *.safetensors); a GGUF model is a single file")

@@ -30,7 +30,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="GGUF file, Hugging Face folder or shardlm checkpoint "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
     p.add_argument("--batch-size", type=int, default=8, help="decode slots (default 8)")
     p.add_argument("--max-seq-len", type=int, default=1024, help="tokens per slot, prompt plus generated (default 1024)")
@@ -80,6 +81,63 @@ def cmd_generate(args) -> int:
                               "completion_tokens": len(c.token_ids)}), flush=True)
         else:
             print(c.text if len(args.prompts) == 1 else f"[{prompt}] {c.text}", flush=True)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from shardlm.engine import jobs
+    from shardlm.engine.sampling import SamplingParams
+
+    # Before anything touches a device: every process of the job joins here.
+    jobs.init_distributed(args.coordinator, args.num_processes, args.process_id,
+                          heartbeat_timeout=args.heartbeat_timeout)
+    import jax
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+    jobs.read_lines(args.input)  # a missing input fails before the model loads
+    if jax.process_count() > 1 and not args.mesh:
+        raise ValueError(f"a job of {jax.process_count()} processes needs --mesh over all {jax.device_count()} "
+                         f"devices, e.g. --mesh x={jax.device_count()}")
+    llm = _load_llm(args)
+    if jax.process_index() == 0:
+        _status(f"process 0 of {jax.process_count()}: {args.input} -> {args.output}")
+    summary = jobs.run_job(llm, args.input, args.output, sampling, chat=args.chat)
+    if jax.process_index() == 0:
+        _status(jobs.format_summary(summary))
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from shardlm.engine import launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return launch.launch(args.num_processes, args.devices_per_process, command)
+
+
+def cmd_convert(args) -> int:
+    from tqdm import tqdm
+
+    from shardlm.checkpoints.convert import convert
+
+    with tqdm(desc="converting", unit=" tensors", file=sys.stderr, disable=None) as bar:
+        dst = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=bar.update)
+    _status(f"wrote {dst}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from shardlm.checkpoints.convert import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['path']} ({info['format']})")
+    print(f"parameters: {info['n_params']:,}  size on disk: {info['size_bytes'] / 2**20:,.1f} MiB")
+    print("dtypes: " + ", ".join(f"{d} {n:,}" for d, n in sorted(info["dtypes"].items())))
+    for key, value in info["config"].items():
+        print(f"  {key}: {value}")
     return 0
 
 
@@ -157,6 +215,38 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--weights", default="bf16", choices=["int8", "bf16", "bfloat16"], help="weight dtype")
     pl.add_argument("--json", action="store_true", help="one JSON object")
     pl.set_defaults(func=cmd_plan)
+
+    cv = sub.add_parser("convert", help="GGUF file or Hugging Face folder -> shardlm (Orbax) checkpoint")
+    cv.add_argument("src", metavar="SRC", help="GGUF file, Hugging Face folder or shardlm checkpoint")
+    cv.add_argument("dst", metavar="DST", help="checkpoint folder to create")
+    cv.add_argument("--dtype", default=None, choices=["bf16", "f32"],
+                    help="parameter dtype (default: bf16 for a bf16 source, else f32)")
+    cv.add_argument("--force", action="store_true", help="replace DST if it exists (once the new one is complete)")
+    cv.set_defaults(func=cmd_convert)
+
+    ins = sub.add_parser("inspect", help="config, parameter count, dtypes and size of a model")
+    ins.add_argument("path", metavar="PATH", help="GGUF file, Hugging Face folder or shardlm checkpoint")
+    ins.add_argument("--json", action="store_true", help="one JSON object")
+    ins.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("run", help="a decoding job: JSONL prompts in, JSONL completions out (multi-host)")
+    r.add_argument("--input", required=True, help='JSONL, one {"id": ..., "prompt" or "messages": ...} per line')
+    r.add_argument("--output", required=True, help="JSONL results, appended; a rerun skips ids already done")
+    _model_args(r)
+    _sampling_args(r)
+    r.add_argument("--chat", action="store_true", help='apply the chat template to "prompt" lines too')
+    r.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host without auto-detection)")
+    r.add_argument("--num-processes", type=int, default=None, help="processes in the job")
+    r.add_argument("--process-id", type=int, default=None, help="this process, 0 .. N-1")
+    r.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds after which a silent process counts as lost and the job stops (default 100)")
+    r.set_defaults(func=cmd_run)
+
+    la = sub.add_parser("launch", help="start N local processes of a multi-host command (development, tests)")
+    la.add_argument("--num-processes", type=int, required=True, help="processes to start")
+    la.add_argument("--devices-per-process", type=int, default=1, help="virtual CPU devices in each (default 1)")
+    la.add_argument("command", nargs=argparse.REMAINDER, help="-- run --input ... (a shardlm command)")
+    la.set_defaults(func=cmd_launch)
     return parser
 
 

@@ -1,0 +1,202 @@
+"""Hugging Face model folders in: config.json, *.safetensors (sharded or not), tokenizer.
+
+Each parameter is read per device slice: `source(path, index)` maps the slice `index` of one of our
+parameters to the rows and columns of the HF tensor it comes from and reads only those
+(`safe_open(...).get_slice(name)[rows, cols]`), so no process ever holds a whole-model copy.
+
+HF stores Linear weights as [out, in]; ours are [in, out] with heads split out (q [D,N,H],
+o [N,H,D]), so the slice of ours is read transposed. HF's q/k rows are not permuted (its
+rotate_half RoPE is the convention of models/llama.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Callable
+
+import numpy as np
+
+from shardlm.checkpoints.gguf import CheckpointError
+from shardlm.models.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
+
+
+def is_hf_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def read_config(folder: str) -> ModelConfig:
+    path = os.path.join(folder, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    try:
+        return ModelConfig.from_hf_config(hf)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _read_header(path: str) -> dict:
+    """The JSON header of a safetensors file, checked before safetensors maps the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        for name, info in header.items():
+            if name != "__metadata__" and not (isinstance(info, dict) and "shape" in info and "dtype" in info):
+                raise ValueError(f"entry {name!r} lacks shape/dtype")
+        return header
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
+
+
+class HFWeights:
+    """The tensors of a HF folder: name -> file, shapes from the headers, slices read lazily."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        index = os.path.join(folder, INDEX_FILE)
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"cannot read {index}: {e}") from None
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not os.path.isfile(os.path.join(folder, name)):
+                    raise CheckpointError(f"{index} lists {name!r}, which is missing from {folder}")
+        else:
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"no *.safetensors files in {folder}")
+        self.file_of: dict[str, str] = {}  # tensor name -> file path
+        self.shape_of: dict[str, tuple[int, ...]] = {}
+        self.dtype_of: dict[str, str] = {}
+        for name in files:
+            path = os.path.join(folder, name)
+            for tensor, info in _read_header(path).items():
+                if tensor != "__metadata__":
+                    self.file_of[tensor], self.shape_of[tensor] = path, tuple(info["shape"])
+                    self.dtype_of[tensor] = info["dtype"]
+        self._open: dict[str, object] = {}
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        if name not in self.file_of:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the safetensors files")
+        if self.shape_of[name] != tuple(shape):
+            raise CheckpointError(f"{self.file_of[name]}: tensor {name!r} has shape {list(self.shape_of[name])}, "
+                                  f"expected {list(shape)}")
+
+    def read(self, name: str, index: tuple) -> np.ndarray:
+        """`tensor[index]` (a tuple of slices), read from the file without loading the rest."""
+        from safetensors import safe_open
+
+        path = self.file_of[name]
+        try:
+            if path not in self._open:
+                self._open[path] = safe_open(path, framework="numpy")
+            return np.asarray(self._open[path].get_slice(name)[index])
+        except Exception as e:  # safetensors raises its own error types on truncated data
+            raise CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from None
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _span(s: slice, size: int) -> tuple[int, int]:
+    start, stop, step = s.indices(size)
+    assert step == 1, s
+    return start, stop
+
+
+def param_slice_source(weights: HFWeights, config: ModelConfig) -> Callable[[tuple, tuple], np.ndarray]:
+    """(parameter path as in models/llama.py, index of a device's slice) -> that slice, from HF tensors.
+
+    Every tensor the model needs is checked (present, right shape) before anything is read.
+    """
+    D, N, K, H, F, V = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.d_ff,
+                        config.vocab_size)
+
+    def linear_in(name, heads):  # HF [heads*H, D] -> ours [D, heads, H]
+        def read(idx):
+            (d0, d1), (n0, n1), (h0, h1) = _span(idx[0], D), _span(idx[1], heads), _span(idx[2], H)
+            rows = weights.read(name, (slice(n0 * H, n1 * H), slice(d0, d1)))  # [n*H, d]
+            return rows.reshape(n1 - n0, H, d1 - d0)[:, h0:h1].transpose(2, 0, 1)
+        return read, (heads * H, D)
+
+    def linear_out(name):  # HF o_proj [D, N*H] -> ours [N, H, D]
+        def read(idx):
+            (n0, n1), (h0, h1), (d0, d1) = _span(idx[0], N), _span(idx[1], H), _span(idx[2], D)
+            cols = weights.read(name, (slice(d0, d1), slice(n0 * H, n1 * H)))  # [d, n*H]
+            return cols.reshape(d1 - d0, n1 - n0, H)[:, :, h0:h1].transpose(1, 2, 0)
+        return read, (D, N * H)
+
+    def transposed(name, shape):  # HF [out, in] -> ours [in, out]
+        return (lambda idx: weights.read(name, (idx[1], idx[0])).T), shape
+
+    def bias(name, heads):  # HF [heads*H] -> ours [heads, H]
+        def read(idx):
+            (n0, n1), (h0, h1) = _span(idx[0], heads), _span(idx[1], H)
+            return weights.read(name, (slice(n0 * H, n1 * H),)).reshape(n1 - n0, H)[:, h0:h1]
+        return read, (heads * H,)
+
+    def direct(name, shape):
+        return (lambda idx: weights.read(name, idx)), shape
+
+    readers: dict[str, tuple[Callable, tuple, str]] = {}
+
+    def add(path, name, maker, *args):
+        read, hf_shape = maker(name, *args)
+        readers[path] = (read, hf_shape, name)
+
+    add("embed", "model.embed_tokens.weight", direct, (V, D))
+    add("final_norm/scale", "model.norm.weight", direct, (D,))
+    if not config.tie_embeddings:
+        add("lm_head", "lm_head.weight", transposed, (V, D))
+    for i in range(config.n_layers):
+        p, hf = f"layers/{i}/", f"model.layers.{i}."
+        add(p + "attn_norm/scale", hf + "input_layernorm.weight", direct, (D,))
+        add(p + "mlp_norm/scale", hf + "post_attention_layernorm.weight", direct, (D,))
+        add(p + "attn/q", hf + "self_attn.q_proj.weight", linear_in, N)
+        add(p + "attn/k", hf + "self_attn.k_proj.weight", linear_in, K)
+        add(p + "attn/v", hf + "self_attn.v_proj.weight", linear_in, K)
+        add(p + "attn/o", hf + "self_attn.o_proj.weight", linear_out)
+        if config.qkv_bias:
+            add(p + "attn/q_bias", hf + "self_attn.q_proj.bias", bias, N)
+            add(p + "attn/k_bias", hf + "self_attn.k_proj.bias", bias, K)
+            add(p + "attn/v_bias", hf + "self_attn.v_proj.bias", bias, K)
+        add(p + "mlp/gate", hf + "mlp.gate_proj.weight", transposed, (F, D))
+        add(p + "mlp/up", hf + "mlp.up_proj.weight", transposed, (F, D))
+        add(p + "mlp/down", hf + "mlp.down_proj.weight", transposed, (D, F))
+    for _, hf_shape, name in readers.values():
+        weights.check(name, hf_shape)
+
+    def source(path: tuple, index: tuple) -> np.ndarray:
+        key = "/".join(str(p) for p in path)
+        if key not in readers:
+            raise CheckpointError(f"{weights.folder}: no HF tensor for parameter {key!r}")
+        return readers[key][0](index)
+
+    return source
+
+
+def load_tokenizer(folder: str):
+    """The folder's tokenizer.json (with tokenizer_config.json's chat template), or None."""
+    from shardlm.checkpoints.tokenizer import tokenizer_from_file
+
+    path = os.path.join(folder, "tokenizer.json")
+    return tokenizer_from_file(path) if os.path.isfile(path) else None
