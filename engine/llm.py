@@ -102,7 +102,9 @@ class LLM:
              prefill_layout: str | None = None, decode_layout: str | None = None, attention: str = "auto",
              dtype: str = "float32", batch_size: int = 8, max_seq_len: int = 1024,
              progress: Callable[[int], None] | None = None) -> "LLM":
-        """Load a GGUF file (None: the embedded SmolLM2-135M-Instruct) onto a mesh.
+        """Load a model onto a mesh: a GGUF file (None: the embedded SmolLM2-135M-Instruct), a Hugging
+        Face folder (config.json, *.safetensors, tokenizer.json) or a shardlm checkpoint folder
+        (`shardlm convert`), each array read straight into its shards.
 
         mesh_shape: sizes of the mesh axes (stage, x, y, z; see sharding.mesh) over all devices
         (None: one device).
@@ -112,7 +114,7 @@ class LLM:
         batch_size is the number of decode slots; max_seq_len the tokens (prompt plus generated)
         each slot holds, capped at the model's context length.
         """
-        dtype = parse_dtype(dtype)
+        dtype = None if dtype is None else parse_dtype(dtype)  # None: a shardlm checkpoint's saved dtype
         kw = dict(mesh_shape=mesh_shape, layout=layout, prefill_layout=prefill_layout, decode_layout=decode_layout,
                   attention=attention, batch_size=batch_size)
         # The placement needs the config; the loader asks for it before reading any weight.
