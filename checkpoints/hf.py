@@ -1,8 +1,10 @@
 """Hugging Face model folders in: config.json, *.safetensors (sharded or not), tokenizer.
 
 Each parameter is read per device slice: `source(path, index)` maps the slice `index` of one of our
-parameters to the rows and columns of the HF tensor it comes from and reads only those
-(`safe_open(...).get_slice(name)[rows, cols]`), so no process ever holds a whole-model copy.
+parameters to the rows and columns of the HF tensor it comes from and reads only those rows (one
+positioned read into a fresh buffer; the safetensors header gives the offsets), so no process ever
+holds a whole-model copy. Plain reads rather than safetensors' memory map: mapped file pages count in
+the process's RSS until it exits (benchmarks/load_memory.py measured 2x the checkpoint with the map).
 
 HF stores Linear weights as [out, in]; ours are [in, out] with heads split out (q [D,N,H],
 o [N,H,D]), so the slice of ours is read transposed. HF's q/k rows are not permuted (its
@@ -16,6 +18,7 @@ import os
 import struct
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 
 from shardlm.checkpoints.gguf import CheckpointError
@@ -23,6 +26,8 @@ from shardlm.models.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
 
@@ -44,8 +49,8 @@ def read_config(folder: str) -> ModelConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _read_header(path: str) -> dict:
-    """The JSON header of a safetensors file, checked before safetensors maps the file."""
+def _read_header(path: str) -> tuple[dict, int]:
+    """The checked JSON header of a safetensors file and the offset where its data starts."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -56,10 +61,19 @@ def _read_header(path: str) -> dict:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         for name, info in header.items():
-            if name != "__metadata__" and not (isinstance(info, dict) and "shape" in info and "dtype" in info):
-                raise ValueError(f"entry {name!r} lacks shape/dtype")
-        return header
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+            if name == "__metadata__":
+                continue
+            if not (isinstance(info, dict) and {"shape", "dtype", "data_offsets"} <= set(info)):
+                raise ValueError(f"entry {name!r} lacks shape, dtype or data_offsets")
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            nbytes = int(np.prod(info["shape"])) * np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
+            if end - begin != nbytes or 8 + n + end > size:
+                raise ValueError(f"tensor {name!r}: data_offsets {info['data_offsets']} do not fit its shape "
+                                 f"{info['shape']} or the file size {size} (truncated?)")
+        return header, 8 + n
+    except (OSError, struct.error, ValueError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
 
 
@@ -86,13 +100,15 @@ class HFWeights:
         self.file_of: dict[str, str] = {}  # tensor name -> file path
         self.shape_of: dict[str, tuple[int, ...]] = {}
         self.dtype_of: dict[str, str] = {}
+        self._offset_of: dict[str, int] = {}  # tensor name -> byte offset of its data in its file
         for name in files:
             path = os.path.join(folder, name)
-            for tensor, info in _read_header(path).items():
+            header, data_start = _read_header(path)
+            for tensor, info in header.items():
                 if tensor != "__metadata__":
                     self.file_of[tensor], self.shape_of[tensor] = path, tuple(info["shape"])
                     self.dtype_of[tensor] = info["dtype"]
-        self._open: dict[str, object] = {}
+                    self._offset_of[tensor] = data_start + info["data_offsets"][0]
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         if name not in self.file_of:
@@ -102,19 +118,24 @@ class HFWeights:
                                   f"expected {list(shape)}")
 
     def read(self, name: str, index: tuple) -> np.ndarray:
-        """`tensor[index]` (a tuple of slices), read from the file without loading the rest."""
-        from safetensors import safe_open
-
-        path = self.file_of[name]
+        """`tensor[index]` (a tuple of slices): reads the rows of the first dimension's slice (rows are
+        contiguous in the file), then keeps the slice of the other dimensions."""
+        path, shape = self.file_of[name], self.shape_of[name]
+        dtype = np.dtype(SAFETENSORS_DTYPES[self.dtype_of[name]])
+        spans = [_span(s, n) for s, n in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape)]
+        (r0, r1), row = spans[0] if shape else (0, 1), int(np.prod(shape[1:]))
+        count = (r1 - r0) * row
         try:
-            if path not in self._open:
-                self._open[path] = safe_open(path, framework="numpy")
-            return np.asarray(self._open[path].get_slice(name)[index])
-        except Exception as e:  # safetensors raises its own error types on truncated data
+            with open(path, "rb") as f:
+                data = np.fromfile(f, dtype, count=count, offset=self._offset_of[name] + r0 * row * dtype.itemsize)
+        except OSError as e:
             raise CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from None
-
-    def close(self) -> None:
-        self._open.clear()
+        if data.size != count:
+            raise CheckpointError(f"{path}: tensor {name!r} is truncated")
+        if not shape:
+            return data.reshape(())
+        rest = tuple(slice(a, b) for a, b in spans[1:])
+        return np.ascontiguousarray(data.reshape((r1 - r0,) + shape[1:])[(slice(None),) + rest])
 
 
 def _span(s: slice, size: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from shardlm.checkpoints.gguf import CheckpointError, GGUFWeights, param_source
 from shardlm.checkpoints.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
+from shardlm.models import quant
 from shardlm.models.config import ModelConfig
 from shardlm.models.llama import Llama
 
@@ -38,8 +39,8 @@ class LoadedModel:
     source: str
 
 
-def abstract_model(config: ModelConfig, dtype=jnp.float32) -> nnx.Module:
-    return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+def abstract_model(config: ModelConfig, dtype=jnp.float32, quantize: str | None = None) -> nnx.Module:
+    return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), quantize=quantize))
 
 
 def materialize(abstract: nnx.Module, source: Callable[[tuple], np.ndarray],
@@ -98,16 +99,22 @@ def _single_device_sharding(axes, shape):
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def load(path: str | None = None, *, dtype=jnp.float32, sharding_for=None, progress=None) -> LoadedModel:
+def load(path: str | None = None, *, dtype=jnp.float32, sharding_for=None, progress=None,
+         quantize: str | None = None) -> LoadedModel:
     """Load a GGUF file (path None: the embedded default), a Hugging Face folder (config.json +
     *.safetensors) or a shardlm checkpoint folder into a model whose arrays are sharded by
     `sharding_for(config)(axes, shape)` (default: all on the first device). dtype None keeps a
-    shardlm checkpoint's saved dtype (float32 for the other formats)."""
+    shardlm checkpoint's saved dtype (float32 for the other formats).
+
+    quantize "int8": weights quantized one tensor at a time as they are read (models/quant.py;
+    GGUF's own Q4/Q8 blocks are dequantized to float first). A shardlm checkpoint saved with int8
+    weights loads as int8 without it, and asking to quantize it again is an error."""
+    quantize = quant.check_mode(quantize)
     path = embedded_model_path() if path is None else os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise CheckpointError(f"model path does not exist: {path}")
     if os.path.isdir(path):
-        return _load_folder(path, dtype, sharding_for, progress)
+        return _load_folder(path, dtype, sharding_for, progress, quantize)
     dtype = jnp.float32 if dtype is None else dtype
     weights = GGUFWeights(path)
     try:
@@ -115,29 +122,46 @@ def load(path: str | None = None, *, dtype=jnp.float32, sharding_for=None, progr
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     tokenizer = tokenizer_from_gguf_metadata(weights.metadata)
-    model = materialize(abstract_model(config, dtype), param_source(weights, config),
-                        sharding_for(config) if sharding_for else _single_device_sharding, progress)
+    abstract = abstract_model(config, dtype, quantize)
+    source = param_source(weights, config)
+    if quantize:
+        source = quant.quantized_source(source, nnx.state(abstract))
+    model = materialize(abstract, source, sharding_for(config) if sharding_for else _single_device_sharding, progress)
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path)
 
 
-def _load_folder(path: str, dtype, sharding_for, progress) -> LoadedModel:
+def checkpoint_quantization(meta: dict) -> str | None:
+    """The quantization a shardlm checkpoint was saved with (from its parameters' dtypes), or None."""
+    return "int8" if any(p["dtype"] == "int8" for p in meta["params"].values()) else None
+
+
+def _load_folder(path: str, dtype, sharding_for, progress, quantize=None) -> LoadedModel:
     from shardlm.checkpoints import hf, orbax_io
 
     if orbax_io.is_checkpoint(path):
         meta = orbax_io.read_metadata(path)
         config = meta["config"]
-        abstract = abstract_model(config, jnp.dtype(meta["dtype"]) if dtype is None else dtype)
-        model = orbax_io.restore(path, abstract, sharding_for(config) if sharding_for else _single_device_sharding,
-                                 progress)
+        saved = checkpoint_quantization(meta)
+        if saved and quantize:
+            raise CheckpointError(f"{path} is already quantized ({saved}); load it without quantize/--quantize")
+        # The float dtype: a norm's (a quantized checkpoint's first parameter may be int8).
+        saved_dtype = meta["params"].get("final_norm.scale", {}).get("dtype", meta["dtype"])
+        place = sharding_for(config) if sharding_for else _single_device_sharding
+        abstract = abstract_model(config, jnp.dtype(saved_dtype) if dtype is None else dtype, saved)
+        model = orbax_io.restore(path, abstract, place, progress)
+        if quantize:  # a float checkpoint: quantized tensor by tensor, device to device
+            model = quant.quantize_model(model, quantize, place)
         return LoadedModel(config=config, model=model, tokenizer=hf.load_tokenizer(path), source=path)
     if hf.is_hf_folder(path):
         config = hf.read_config(path)
         weights = hf.HFWeights(path)
         source = hf.param_slice_source(weights, config)  # checks every tensor before reading any
         tokenizer = hf.load_tokenizer(path)
-        model = materialize_sliced(abstract_model(config, jnp.float32 if dtype is None else dtype), source,
+        abstract = abstract_model(config, jnp.float32 if dtype is None else dtype, quantize)
+        if quantize:
+            source = quant.quantized_source(source, nnx.state(abstract), sliced=True)
+        model = materialize_sliced(abstract, source,
                                    sharding_for(config) if sharding_for else _single_device_sharding, progress)
-        weights.close()
         return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path)
     raise CheckpointError(f"{path} is a folder but neither a shardlm checkpoint ({orbax_io.FORMAT_FILE}) nor a "
                           f"Hugging Face model ({hf.CONFIG_FILE} + *.safetensors); a GGUF model is a single file")

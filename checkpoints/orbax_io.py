@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from typing import Callable
@@ -73,6 +74,16 @@ def save_tokenizer(tokenizer, folder: str) -> None:
         json.dump({k: v for k, v in config.items() if v is not None}, f, indent=1)
 
 
+def _checkpointer(largest_nbytes: int):
+    """A synchronous Orbax checkpointer that keeps few bytes in flight: its default (96 GB) let a
+    restore hold half the model again in buffers (benchmarks/load_memory.py). Orbax refuses an array
+    at least as large as the limit, hence twice the largest parameter."""
+    import orbax.checkpoint as ocp
+
+    gb = max(0.25, 2 * largest_nbytes / 1e9)
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb))
+
+
 def check_destination(dst: str, force: bool) -> str:
     """The absolute DST; raises before anything is written if it exists and `force` is off."""
     dst = os.path.abspath(os.path.expanduser(dst))
@@ -98,9 +109,8 @@ def save(dst: str, model: nnx.Module, config: ModelConfig, *, tokenizer=None, to
     flat = [(_name(path), var) for path, var in nnx.to_flat_state(nnx.state(model))]
     try:
         os.makedirs(partial)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(partial, PARAMS_DIR), {name: var[...] for name, var in flat})
-            ckptr.wait_until_finished()
+        with _checkpointer(max(v.size * v.dtype.itemsize for _, v in flat)) as ckptr:
+            ckptr.save(os.path.join(partial, PARAMS_DIR), args=ocp.args.StandardSave({n: v[...] for n, v in flat}))
         for file in tokenizer_files:
             shutil.copy(file, partial)
         if not tokenizer_files and tokenizer is not None:
@@ -149,8 +159,9 @@ def restore(path: str, abstract: nnx.Module, sharding_for: Callable[[tuple, tupl
         sharding = sharding_for(var.get_metadata().get("axes"), var.shape)
         targets[name] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            arrays = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), targets)
+        largest = max(math.prod(t.shape) * max(t.dtype.itemsize, 4) for t in targets.values())  # f32 if cast
+        with _checkpointer(largest) as ckptr:
+            arrays = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), args=ocp.args.StandardRestore(targets))
     except Exception as e:  # Orbax/tensorstore errors on missing or damaged files
         raise CheckpointError(f"cannot restore {os.path.join(path, PARAMS_DIR)}: {e}") from None
     if progress is not None:
