@@ -49,6 +49,16 @@ def _accept(result: Result, req: Request, token: int, max_seq_len: int) -> bool:
     return False
 
 
+def _to_host(x) -> np.ndarray:
+    """x as a host array; an array spread over several processes is gathered first, so every process
+    of a multi-host job sees the same tokens and runs the same next step."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result], None] | None = None,
         on_step: Callable[[int], None] | None = None) -> list[Result]:
     """Generate for every request; results in request order. `on_result` sees each as it finishes,
@@ -77,7 +87,7 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
         if all(s is None for s in slots):
             continue
         state, tokens = engine.generate(params, state)
-        tokens = np.asarray(tokens)
+        tokens = _to_host(tokens)
         n_active = 0
         for slot, i in enumerate(slots):
             if i is None:

@@ -18,3 +18,12 @@ def shard_map(f, *, mesh, in_specs, out_specs):
     rejects valid programs whose inputs are replicated over the reduced axes)."""
     return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{_CHECK: False})
 
+
+def cluster_detected() -> bool:
+    """Whether jax.distributed.initialize() can find its peers by itself here (Cloud TPU, SLURM,
+    Open MPI, ...). JAX keeps its detectors private; without them, assume a single process."""
+    try:
+        from jax._src.clusters import ClusterEnv
+    except ImportError:  # pragma: no cover - jax moved them
+        return False
+    return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)

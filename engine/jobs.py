@@ -1,0 +1,307 @@
+"""Decoding jobs: JSONL prompts in, JSONL completions out, one SPMD program on every process.
+
+Input, one JSON object per line:
+    {"id": ..., "prompt": "text"}              raw text (the chat template only with chat=True)
+    {"id": ..., "messages": [{"role": ..., "content": ...}, ...]}   rendered with the chat template
+plus optional sampling fields overriding the job's defaults (see SAMPLING_FIELDS). An id is a
+string or an integer, unique in the file.
+
+Output, one JSON object per line, in the order requests finish:
+    {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"}
+or, for an input line that cannot run, an error record (the job goes on):
+    {"id": id or null, "line": 1-based input line number, "error": "what was wrong"}
+
+Every process reads the input and runs the same sequence of steps; only process 0 touches the
+output. Each record is appended with one write() and flushed, so a job that dies leaves whole
+lines (a torn last line, should the OS leave one, is cut away before appending). Rerunning the
+same command skips ids that already have a result and lines that already have an error record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from shardlm.engine import batching
+from shardlm.engine.sampling import SamplingParams
+
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "stop_token_ids")
+_KNOWN_FIELDS = ("id", "prompt", "messages") + SAMPLING_FIELDS
+
+
+# ----- the distributed runtime -----
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, *, initialization_timeout: int = 300,
+                     heartbeat_timeout: int = 100) -> None:
+    """Join the job's processes with jax.distributed; must run before anything touches a device.
+
+    With no arguments, initialise only where JAX finds its peers itself (Cloud TPU, SLURM, Open MPI);
+    otherwise stay a single process.
+    """
+    given = [a is not None for a in (coordinator, num_processes, process_id)]
+    if not any(given):
+        from shardlm.sharding.compat import cluster_detected
+
+        if cluster_detected():
+            jax.distributed.initialize(initialization_timeout=initialization_timeout,
+                                       heartbeat_timeout_seconds=heartbeat_timeout)
+        return
+    if not all(given):
+        raise ValueError("give all of --coordinator HOST:PORT, --num-processes N and --process-id I, or none of them")
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ValueError(f"need --num-processes >= 1 and 0 <= --process-id < --num-processes, "
+                         f"got {num_processes} and {process_id}")
+    # A loopback coordinator binds loopback only (local runs); otherwise JAX binds all interfaces.
+    bind = coordinator if host in ("127.0.0.1", "localhost", "[::1]") else None
+    jax.distributed.initialize(coordinator, num_processes, process_id, coordinator_bind_address=bind,
+                               initialization_timeout=initialization_timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def _broadcast_from_first(values: np.ndarray) -> np.ndarray:
+    """Process 0's `values` on every process (same shape and dtype everywhere)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(values))
+
+
+def _check_same_input(lines: list[str]) -> None:
+    """Every process must read the same input, or their step sequences would diverge."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256("\n".join(lines).encode()).digest()[:8]
+    mine = np.frombuffer(digest, np.uint8).astype(np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 8]
+    differ = [p for p in range(everyone.shape[0]) if not np.array_equal(everyone[p], everyone[0])]
+    if differ:
+        raise ValueError(f"processes {differ} read a different input file than process 0; "
+                         "every process must see the same --input")
+
+
+# ----- input -----
+
+@dataclass
+class Line:
+    number: int  # 1-based line number in the input file
+    id: object = None
+    prompt_ids: list[int] | None = None
+    sampling: SamplingParams | None = None
+    error: str | None = None
+
+    @property
+    def key(self) -> str:  # ids compare by their JSON form: "1" and 1 are different ids
+        return json.dumps(self.id)
+
+
+def read_lines(path: str) -> list[str]:
+    """The input's lines (blank lines kept, so line numbers match the file)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--input {path!r} is not a file")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read().splitlines()
+
+
+def parse_line(number: int, text: str, llm, defaults: SamplingParams, chat: bool) -> Line:
+    """One input line -> a Line with token ids and sampling, or with `error` set."""
+    line = Line(number)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        line.error = f"malformed JSON: {e}"
+        return line
+    if not isinstance(obj, dict):
+        line.error = f"expected a JSON object with \"id\" and \"prompt\" or \"messages\", got {type(obj).__name__}"
+        return line
+    line.id = obj.get("id")
+    if "id" not in obj or line.id is None:
+        line.error = "missing \"id\""
+    elif isinstance(line.id, bool) or not isinstance(line.id, (str, int)):
+        line.error, line.id = f"\"id\" must be a string or an integer, got {json.dumps(line.id)}", None
+    if line.error:
+        return line
+    unknown = sorted(set(obj) - set(_KNOWN_FIELDS))
+    if unknown:
+        line.error = f"unknown fields {unknown}; allowed: {', '.join(_KNOWN_FIELDS)}"
+        return line
+    try:
+        line.sampling = dataclasses.replace(defaults, **{k: obj[k] for k in SAMPLING_FIELDS if k in obj})
+        if ("prompt" in obj) == ("messages" in obj):
+            raise ValueError("give exactly one of \"prompt\" (text) and \"messages\" (chat turns)")
+        if "prompt" in obj:
+            if not isinstance(obj["prompt"], str):
+                raise ValueError("\"prompt\" must be a string")
+            line.prompt_ids = llm.encode(obj["prompt"], chat=chat)
+        else:
+            line.prompt_ids = _encode_messages(llm, obj["messages"])
+    except (ValueError, TypeError) as e:
+        line.error = str(e)
+    return line
+
+
+def _encode_messages(llm, messages) -> list[int]:
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+    if not ok:
+        raise ValueError("\"messages\" must be a non-empty list of {\"role\": str, \"content\": str}")
+    if llm.tokenizer is None:
+        raise ValueError("this model has no tokenizer, so \"messages\" cannot be rendered")
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages))
+    llm.engine.check_prompt(ids)
+    return ids
+
+
+def parse_input(lines: list[str], llm, defaults: SamplingParams, chat: bool = False) -> list[Line]:
+    """Every non-blank line parsed; duplicates of an earlier id become errors."""
+    parsed, first = [], {}
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        line = parse_line(number, text, llm, defaults, chat)
+        if line.id is not None:
+            if line.key in first:
+                line.error = f"duplicate id {line.key} (first on line {first[line.key]})"
+                line.prompt_ids = None
+            else:
+                first[line.key] = number
+        parsed.append(line)
+    return parsed
+
+
+# ----- output -----
+
+def recover_output(path: str) -> list[dict]:
+    """The records already in `path`; a torn last line (no newline) is cut off the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    whole = data[:data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+    records = []
+    for n, raw in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or "id" not in record:
+            raise ValueError(f"--output {path!r} line {n} is not a job record; is it another file? "
+                             "(give a new path, or the output of an earlier run of this job)")
+        records.append(record)
+    return records
+
+
+class Appender:
+    """Appends records to a file, each as one whole line with one write()."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        while data:  # a regular file takes it in one write; loop only for the letter of POSIX
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _done_mask(parsed: list[Line], records: list[dict]) -> np.ndarray:
+    """1 for each parsed line that already has its record in the output."""
+    results = {json.dumps(r["id"]) for r in records if "error" not in r}
+    error_lines = {r.get("line") for r in records if "error" in r}
+    done = [line.number in error_lines if line.error else line.key in results for line in parsed]
+    return np.asarray(done, np.int32)
+
+
+# ----- the job -----
+
+def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = SamplingParams(), *,
+            chat: bool = False, progress: bool = True) -> dict:
+    """Run every pending line of `input_path`, appending records to `output_path`; returns a summary.
+
+    Call it on every process of a multi-host job with the same arguments.
+    """
+    if os.path.abspath(input_path) == os.path.abspath(output_path):
+        raise ValueError("--output must differ from --input")
+    writer = jax.process_index() == 0
+    if writer and not os.path.isdir(os.path.dirname(os.path.abspath(output_path))):
+        raise ValueError(f"--output {output_path!r}: its folder does not exist")
+    lines = read_lines(input_path)
+    _check_same_input(lines)
+    parsed = parse_input(lines, llm, defaults, chat)
+    done = _done_mask(parsed, recover_output(output_path)) if writer else np.zeros(len(parsed), np.int32)
+    done = _broadcast_from_first(done)  # only process 0 may see the output file
+    pending = [line for line, d in zip(parsed, done) if not d]
+    bad = [line for line in pending if line.error]
+    # Prompts of one length bucket run together, so each prefill shape is compiled once, early.
+    todo = sorted((line for line in pending if not line.error), key=lambda l: llm.engine.bucket(len(l.prompt_ids)))
+    requests = [batching.Request(line.prompt_ids, line.sampling, llm.stop_token_ids, key=line) for line in todo]
+
+    out = Appender(output_path) if writer else None
+    bar = _progress_bar(len(requests), enabled=writer and progress)
+    t0 = time.perf_counter()
+    stats = {"generated": 0, "prompt_tokens": 0}
+
+    def on_step(n_tokens: int) -> None:
+        stats["generated"] += n_tokens
+        if bar is not None:
+            bar.set_postfix_str(f"{stats['generated'] / (time.perf_counter() - t0):.1f} tok/s", refresh=False)
+
+    def on_result(result: batching.Result) -> None:
+        line = result.key
+        stats["prompt_tokens"] += len(result.prompt_ids)
+        if out is not None:
+            out.write({"id": line.id, "text": llm.decode(result.token_ids), "token_ids": result.token_ids,
+                       "finish_reason": result.finish_reason, "prompt_tokens": len(result.prompt_ids),
+                       "completion_tokens": len(result.token_ids)})
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        if out is not None:
+            for line in bad:
+                out.write({"id": line.id, "line": line.number, "error": line.error})
+        results = batching.run(llm.engine, llm.params, requests, on_result=on_result, on_step=on_step) if requests else []
+    finally:
+        if bar is not None:
+            bar.close()
+        if out is not None:
+            out.close()
+    wall = time.perf_counter() - t0
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    return {"prompts": len(results), "errors": len(bad), "skipped": int(done.sum()),
+            "prompt_tokens": stats["prompt_tokens"], "completion_tokens": completion_tokens, "wall_s": wall,
+            "completions_per_s": len(results) / wall if wall > 0 else 0.0,
+            "tokens_per_s": completion_tokens / wall if wall > 0 else 0.0}
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="job", unit=" prompts", file=sys.stderr, disable=None)
+
+
+def format_summary(s: dict) -> str:
+    return (f"{s['prompts']} prompts done, {s['errors']} error records, {s['skipped']} already done; "
+            f"{s['prompt_tokens']} prompt and {s['completion_tokens']} generated tokens in {s['wall_s']:.1f} s: "
+            f"{s['completions_per_s']:.2f} completions/s, {s['tokens_per_s']:.1f} generated tokens/s")

@@ -1,0 +1,283 @@
+"""`shardlm run` (JSONL jobs) and `shardlm launch` (local multi-process jobs).
+
+The model is a tiny random Llama written as a GGUF with the embedded SmolLM2 tokenizer (2 layers,
+d_model 64, untied output so greedy tokens follow the context instead of echoing it): real jobs
+of real processes, but each step costs milliseconds. The references are a one-device run and a
+one-process 8-device run in this process; the multi-process runs are separate `shardlm launch`
+processes joined by jax.distributed over loopback, each with 4 virtual CPU devices.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import gguf
+import numpy as np
+import pytest
+
+from shardlm.checkpoints.gguf import read_metadata
+from shardlm.checkpoints.loader import embedded_model_path
+from shardlm.engine import LLM, SamplingParams
+from shardlm.engine import jobs
+from shardlm.engine.cli import main
+
+MAX_SEQ_LEN = 128
+SLOTS = 4
+MESH = {"x": 2, "y": 2, "z": 2}
+MESH_ARGS = ["--mesh", "x=2,y=2,z=2", "--layout", "2d_weight_stationary"]
+DEFAULTS = SamplingParams(max_new_tokens=8)
+WORDS = ("the quick brown fox jumps over the lazy dog while seven sleepy cats watch from a sunny window "
+         "and count the clouds").split()
+N_PROMPTS = 20
+BAD_LINES = 4  # malformed JSON, missing id, duplicate id, over-long prompt
+
+
+def write_tiny_gguf(path: str, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, seed=0) -> None:
+    meta = read_metadata(embedded_model_path())
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-random")
+    w.add_block_count(n_layers)
+    w.add_context_length(MAX_SEQ_LEN)
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(d_ff)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    w.add_add_bos_token(False)
+    w.add_add_space_prefix(False)
+    w.add_chat_template(meta["tokenizer.chat_template"])
+    rng = np.random.default_rng(seed)
+    V, D, H = len(meta["tokenizer.ggml.tokens"]), d_model, d_model // n_heads
+
+    def proj(rows, cols):  # GGUF order [out, in], unit-variance outputs
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", rng.standard_normal((V, D)).astype(np.float32))
+    w.add_tensor("output.weight", rng.standard_normal((V, D)).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(D, np.float32))
+    for i in range(n_layers):
+        b = f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", np.ones(D, np.float32))
+        w.add_tensor(b + "ffn_norm.weight", np.ones(D, np.float32))
+        w.add_tensor(b + "attn_q.weight", proj(n_heads * H, D))
+        w.add_tensor(b + "attn_k.weight", proj(n_kv_heads * H, D))
+        w.add_tensor(b + "attn_v.weight", proj(n_kv_heads * H, D))
+        w.add_tensor(b + "attn_output.weight", proj(D, n_heads * H))
+        w.add_tensor(b + "ffn_gate.weight", proj(d_ff, D))
+        w.add_tensor(b + "ffn_up.weight", proj(d_ff, D))
+        w.add_tensor(b + "ffn_down.weight", proj(D, d_ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def job_lines() -> list[str]:
+    """20 prompts of 3 to ~60 tokens (two length buckets), some as chat messages, some with their own
+    max_new_tokens, then one line of each kind of mistake."""
+    lines = []
+    for i in range(N_PROMPTS):
+        text = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(3 + (i * 11) % 45))
+        record = {"id": f"p{i}" if i % 3 else i}  # string and integer ids
+        if i % 5 == 0:
+            record["messages"] = [{"role": "user", "content": text}]
+        else:
+            record["prompt"] = text
+        if i % 4 == 1:
+            record["max_new_tokens"] = 3 + i % 7
+        lines.append(json.dumps(record))
+    lines += ['{"id": "broken", "prompt": ', json.dumps({"prompt": "no id"}),
+              json.dumps({"id": "p1", "prompt": "again"}), json.dumps({"id": "long", "prompt": "word " * 300})]
+    return lines
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+    write_tiny_gguf(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    path = tmp_path_factory.mktemp("job") / "prompts.jsonl"
+    path.write_text("\n".join(job_lines()) + "\n")
+    return str(path)
+
+
+def read_records(path) -> dict:
+    """Output records by id (results) or by ("error", line); each must appear once."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.endswith(b"\n"), "the output ends in a partial line"
+    out = {}
+    for raw in data.decode().splitlines():
+        r = json.loads(raw)
+        key = ("error", r["line"]) if "error" in r else json.dumps(r["id"])
+        assert key not in out, f"{key} written twice"
+        out[key] = r
+    return out
+
+
+def run_in_process(llm, job, output) -> dict:
+    jobs.run_job(llm, job, str(output), DEFAULTS, progress=False)
+    return read_records(output)
+
+
+def launch_argv(tiny, job, output) -> list[str]:
+    return [sys.executable, "-m", "shardlm.engine.cli", "launch", "--num-processes", "2", "--devices-per-process",
+            "4", "--", "run", "--model", tiny, "--input", job, "--output", str(output), "--max-new-tokens", "8",
+            "--max-seq-len", str(MAX_SEQ_LEN), "--batch-size", str(SLOTS), *MESH_ARGS]
+
+
+@pytest.fixture(scope="module")
+def launcher_env(tmp_path_factory) -> dict:
+    """The launched processes' environment: their own device count; a compilation cache shared by
+    the launches of this module, so reruns do not compile again."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+@pytest.fixture(scope="module")
+def one_device(tiny, job, tmp_path_factory):
+    llm = LLM.load(tiny, batch_size=SLOTS, max_seq_len=MAX_SEQ_LEN)
+    return llm, run_in_process(llm, job, tmp_path_factory.mktemp("one") / "out.jsonl")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny, job, launcher_env, tmp_path_factory):
+    """The job on 2 processes x 4 devices, uninterrupted."""
+    output = tmp_path_factory.mktemp("two") / "out.jsonl"
+    p = subprocess.run(launch_argv(tiny, job, output), env=launcher_env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"[0] {N_PROMPTS} prompts done, {BAD_LINES} error records" in p.stderr
+    return read_records(output)
+
+
+def test_job_records(one_device):
+    llm, records = one_device
+    results = {k: r for k, r in records.items() if k[0] != "error"}
+    assert len(results) == N_PROMPTS and len(records) == N_PROMPTS + BAD_LINES
+    for i, line in enumerate(job_lines()[:N_PROMPTS]):
+        spec = json.loads(line)
+        r = results[json.dumps(spec["id"])]
+        assert set(r) == {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"}
+        ids = (llm.tokenizer.encode(llm.tokenizer.apply_chat_template(spec["messages"])) if "messages" in spec
+               else llm.encode(spec["prompt"]))
+        assert r["prompt_tokens"] == len(ids)
+        assert r["completion_tokens"] == len(r["token_ids"]) <= spec.get("max_new_tokens", 8)
+        assert r["text"] == llm.decode(r["token_ids"])
+        # the job's continuous batching against the same request generated alone
+        alone = llm.generate([ids], SamplingParams(max_new_tokens=spec.get("max_new_tokens", 8)))[0]
+        assert (r["token_ids"], r["finish_reason"]) == (alone.token_ids, alone.finish_reason), spec["id"]
+    n = N_PROMPTS
+    assert records[("error", n + 1)]["id"] is None and "malformed JSON" in records[("error", n + 1)]["error"]
+    assert records[("error", n + 2)] == {"id": None, "line": n + 2, "error": 'missing "id"'}
+    assert records[("error", n + 3)]["id"] == "p1" and "duplicate id \"p1\" (first on line 2)" in records[("error", n + 3)]["error"]
+    assert records[("error", n + 4)]["id"] == "long" and "at most 127" in records[("error", n + 4)]["error"]
+
+
+def test_two_processes_equal_one_process_and_one_device(tiny, job, one_device, two_processes, tmp_path):
+    eight = LLM.load(tiny, mesh_shape=MESH, layout="2d_weight_stationary", batch_size=SLOTS, max_seq_len=MAX_SEQ_LEN)
+    assert eight.placement.mesh.size == 8
+    one_process = run_in_process(eight, job, tmp_path / "eight.jsonl")
+    _, reference = one_device
+    assert one_process == reference
+    assert two_processes == reference
+    assert sum(len(r.get("token_ids", ())) for r in reference.values()) > N_PROMPTS * 4  # real generations
+
+
+def test_slots_do_not_change_greedy_results(one_device, job, tmp_path):
+    llm, four = one_device
+    for slots in (1, 16):
+        other = llm.relayout(batch_size=slots)
+        assert run_in_process(other, job, tmp_path / f"slots{slots}.jsonl") == four, slots
+
+
+def test_resume_cuts_torn_line_and_skips_done(one_device, job, tmp_path):
+    llm, reference = one_device
+    out = tmp_path / "out.jsonl"
+    lines = [json.dumps(r) for r in reference.values()]
+    keep = lines[:10]
+    out.write_text("\n".join(keep) + "\n" + lines[10][:25])  # a torn line, as if a write was cut
+    summary = jobs.run_job(llm, job, str(out), DEFAULTS, progress=False)
+    assert read_records(out) == reference
+    done_before = sum(1 for line in keep if "error" not in json.loads(line))
+    assert summary["prompts"] == N_PROMPTS - done_before
+    before = out.read_bytes()
+    summary = jobs.run_job(llm, job, str(out), DEFAULTS, progress=False)
+    assert out.read_bytes() == before and summary["prompts"] == 0 and summary["skipped"] == N_PROMPTS + BAD_LINES
+
+
+def test_output_that_is_not_a_job_file_is_refused(one_device, job, tmp_path):
+    llm, _ = one_device
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes\n")
+    with pytest.raises(ValueError, match="line 1 is not a job record"):
+        jobs.run_job(llm, job, str(out), DEFAULTS, progress=False)
+    assert out.read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["run", "--input", "/nonexistent.jsonl", "--output", "out.jsonl"], "is not a file"),
+    (["run", "--input", "x", "--output", "y", "--coordinator", "127.0.0.1:1"], "none of them"),
+    (["run", "--input", "x", "--output", "y", "--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"],
+     "HOST:PORT"),
+    (["run", "--input", "x", "--output", "y", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+     "--process-id"),
+    (["launch", "--num-processes", "2", "--", "generate", "hi"], "launch runs a multi-host shardlm command"),
+    (["launch", "--num-processes", "0", "--", "run"], "--num-processes must be >= 1"),
+    (["launch", "--num-processes", "2", "--", "run", "--process-id", "1"], "sets --process-id itself"),
+])
+def test_usage_errors(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+
+
+@pytest.mark.slow  # two launches of 2 processes (~45 s each on 2 cores)
+def test_killed_process_stops_job_and_rerun_completes(tiny, job, launcher_env, two_processes, tmp_path):
+    output = tmp_path / "out.jsonl"
+    launcher = subprocess.Popen(launch_argv(tiny, job, output), env=launcher_env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.extend(launcher.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not (output.exists() and output.read_bytes().count(b"\n") >= BAD_LINES + 2):
+            assert launcher.poll() is None and time.monotonic() < deadline, "".join(stderr)[-3000:]
+            time.sleep(0.02)
+        pid = int(re.search(r"launch: process 0 pid (\d+)", "".join(stderr)).group(1))
+        os.kill(pid, signal.SIGKILL)  # the writer, mid-job
+        killed = time.monotonic()
+        rc = launcher.wait(timeout=30)
+        assert time.monotonic() - killed < 30
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    reader.join(timeout=5)
+    text = "".join(stderr)
+    assert rc != 0
+    assert re.search(rf"launch: process 0 \(pid {pid}\) was killed by SIGKILL; stopping the other 1 process", text), text[-2000:]
+    partial = read_records(output)  # whole lines only
+    assert BAD_LINES + 2 <= len(partial) < N_PROMPTS + BAD_LINES, "the kill came after the job ended"
+    rerun = subprocess.run(launch_argv(tiny, job, output), env=launcher_env, capture_output=True, text=True,
+                           timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_records(output) == two_processes
