@@ -36,7 +36,10 @@ def _reader(path: str):
 
 def read_metadata(path: str) -> dict[str, Any]:
     """All key/value metadata of a GGUF file as plain Python values (str, int, float, bool, list)."""
-    reader = _reader(path)
+    return _metadata(_reader(path))
+
+
+def _metadata(reader) -> dict[str, Any]:
     out = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
@@ -62,7 +65,7 @@ class GGUFWeights:
         self.path = path
         self.reader = _reader(path)
         self.tensors = {t.name: t for t in self.reader.tensors}
-        self.metadata = read_metadata(path)
+        self.metadata = _metadata(self.reader)  # parsing a GGUF's fields takes seconds: once
 
     def get(self, name: str) -> np.ndarray:
         """Tensor `name` as float32 in GGUF's row-major order ([out, in] for projections)."""
