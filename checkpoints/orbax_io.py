@@ -31,6 +31,7 @@ FORMAT_FILE = "shardlm.json"
 PARAMS_DIR = "params"
 FORMAT = "shardlm-orbax"
 VERSION = 1
+RESTORE_GROUP_BYTES = 64 * 2**20
 
 
 def is_checkpoint(path: str) -> bool:
@@ -74,14 +75,12 @@ def save_tokenizer(tokenizer, folder: str) -> None:
         json.dump({k: v for k, v in config.items() if v is not None}, f, indent=1)
 
 
-def _checkpointer(largest_nbytes: int):
-    """A synchronous Orbax checkpointer that keeps few bytes in flight: its default (96 GB) let a
-    restore hold half the model again in buffers (benchmarks/load_memory.py). Orbax refuses an array
-    at least as large as the limit, hence twice the largest parameter."""
+def _save_checkpointer(largest_nbytes: int):
+    """A synchronous Orbax checkpointer that keeps few bytes in flight while writing (its default is
+    96 GB). Orbax refuses an array at least as large as the limit, hence twice the largest parameter."""
     import orbax.checkpoint as ocp
 
-    gb = max(0.25, 2 * largest_nbytes / 1e9)
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb))
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=max(0.25, 2 * largest_nbytes / 1e9)))
 
 
 def check_destination(dst: str, force: bool) -> str:
@@ -109,7 +108,7 @@ def save(dst: str, model: nnx.Module, config: ModelConfig, *, tokenizer=None, to
     flat = [(_name(path), var) for path, var in nnx.to_flat_state(nnx.state(model))]
     try:
         os.makedirs(partial)
-        with _checkpointer(max(v.size * v.dtype.itemsize for _, v in flat)) as ckptr:
+        with _save_checkpointer(max(v.size * v.dtype.itemsize for _, v in flat)) as ckptr:
             ckptr.save(os.path.join(partial, PARAMS_DIR), args=ocp.args.StandardSave({n: v[...] for n, v in flat}))
         for file in tokenizer_files:
             shutil.copy(file, partial)
@@ -143,8 +142,6 @@ def restore(path: str, abstract: nnx.Module, sharding_for: Callable[[tuple, tupl
     Each array is read by Orbax straight into its shards (`sharding_for(axes, shape)`); dtypes that
     differ from the saved ones are cast on restore.
     """
-    import orbax.checkpoint as ocp
-
     saved = read_metadata(path)["params"]
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
@@ -158,12 +155,26 @@ def restore(path: str, abstract: nnx.Module, sharding_for: Callable[[tuple, tupl
                                   f"the model expects {list(var.shape)}")
         sharding = sharding_for(var.get_metadata().get("axes"), var.shape)
         targets[name] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
-    try:
-        largest = max(math.prod(t.shape) * max(t.dtype.itemsize, 4) for t in targets.values())  # f32 if cast
-        with _checkpointer(largest) as ckptr:
-            arrays = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), args=ocp.args.StandardRestore(targets))
-    except Exception as e:  # Orbax/tensorstore errors on missing or damaged files
-        raise CheckpointError(f"cannot restore {os.path.join(path, PARAMS_DIR)}: {e}") from None
-    if progress is not None:
-        progress(len(flat))
+    # A few parameters at a time (partial restores of ~64 MB): one restore of everything held its
+    # buffers until the end, +40-60% of the model on top of the arrays (benchmarks/load_memory.py).
+    import orbax.checkpoint as ocp
+
+    arrays, group, group_bytes = {}, {}, 0
+    params = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        for i, (name, target) in enumerate(targets.items()):
+            group[name] = target
+            group_bytes += math.prod(target.shape) * target.dtype.itemsize
+            if group_bytes < RESTORE_GROUP_BYTES and i + 1 < len(targets):
+                continue
+            restore_args = {n: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape)
+                            for n, t in group.items()}
+            try:
+                arrays.update(ckptr.restore(params, args=ocp.args.PyTreeRestore(
+                    item=group, restore_args=restore_args, partial_restore=True)))
+            except Exception as e:  # Orbax/tensorstore errors on missing or damaged files
+                raise CheckpointError(f"cannot restore {params} ({', '.join(group)}): {e}") from None
+            if progress is not None:
+                progress(len(group))
+            group, group_bytes = {}, 0
     return nnx.merge(graphdef, nnx.from_flat_state([(p, var.replace(arrays[_name(p)])) for p, var in flat]))

@@ -16,6 +16,8 @@ from flax import nnx
 from shardlm.checkpoints import loader, orbax_io
 from shardlm.checkpoints.convert import convert, describe
 from shardlm.checkpoints.gguf import CheckpointError
+from shardlm.checkpoints.hf import HFWeights
+from shardlm.checkpoints.tokenizer import tokenizer_from_file
 from shardlm.engine import Engine, KVCache, SamplingParams
 from shardlm.engine.cli import main
 from shardlm.engine.llm import LLM
@@ -108,8 +110,13 @@ def test_save_on_one_mesh_restore_on_others(tmp_path):
     with torch.no_grad():
         ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
                              attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long))[0, len(PROMPT):].tolist()
-    src = LLM.load(folder, mesh_shape={"x": 2, "y": 2, "z": 2}, layout="2d_weight_stationary", batch_size=1,
-                   max_seq_len=32)
+    reads = []  # (tensor, elements read): each device's slice is read, never a whole projection
+    real_read = HFWeights.read
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HFWeights, "read", lambda self, name, index: reads.append(real_read(self, name, index)) or reads[-1])
+        src = LLM.load(folder, mesh_shape={"x": 2, "y": 2, "z": 2}, layout="2d_weight_stationary", batch_size=1,
+                       max_seq_len=32)
+    assert max(r.size for r in reads) < 96 * 64  # the largest projection is [96, 64] (F x D)
     assert _greedy(src) == ref
     gate = src.params["layers"][0]["mlp"]["gate"][...]
     assert len(gate.sharding.device_set) == 8 and gate.addressable_shards[0].data.shape == (32, 24)
@@ -154,6 +161,18 @@ def test_cli_convert_inspect_and_force(tmp_path, capsys):
     assert describe(dst)["dtypes"] == {"bfloat16": info["n_params"]}
     assert os.stat(os.path.join(dst, orbax_io.FORMAT_FILE)).st_mtime_ns != before
     assert sorted(os.listdir(tmp_path)) == ["ck", "hf"]  # no .partial / .old left behind
+
+
+def test_gguf_tokenizer_travels_into_checkpoint(llm, tmp_path):
+    """The tokenizer built from GGUF metadata, written into a checkpoint and read back: same ids, chat
+    prompt and stop tokens (`shardlm convert` of a GGUF writes it this way)."""
+    orbax_io.save_tokenizer(llm.tokenizer, str(tmp_path))
+    back = tokenizer_from_file(str(tmp_path / "tokenizer.json"))
+    messages = [{"role": "user", "content": "What is the capital of France? Ünïcödé, 12345 <|im_end|>"}]
+    text = llm.tokenizer.apply_chat_template(messages)
+    assert back.apply_chat_template(messages) == text
+    assert back.encode(text) == llm.tokenizer.encode(text) and back.encode("x", add_bos=True)[0] == llm.tokenizer.bos_token_id
+    assert back.stop_token_ids == llm.tokenizer.stop_token_ids and back.add_bos == llm.tokenizer.add_bos
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
