@@ -216,8 +216,21 @@ def param_slice_source(weights: HFWeights, config: ModelConfig) -> Callable[[tup
 
 
 def load_tokenizer(folder: str):
-    """The folder's tokenizer.json (with tokenizer_config.json's chat template), or None."""
+    """The folder's tokenizer.json (with tokenizer_config.json's chat template), or None; the
+    eos_token_id of generation_config.json (one id or a list, e.g. Llama 3's) also stops generation."""
     from shardlm.checkpoints.tokenizer import tokenizer_from_file
 
     path = os.path.join(folder, "tokenizer.json")
-    return tokenizer_from_file(path) if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        return None
+    tokenizer = tokenizer_from_file(path)
+    generation = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(generation):
+        try:
+            with open(generation) as f:
+                eos = json.load(f).get("eos_token_id")
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"cannot read {generation}: {e}") from None
+        eos = [eos] if isinstance(eos, int) else eos or []
+        tokenizer.stop_token_ids = list(dict.fromkeys(tokenizer.stop_token_ids + [int(i) for i in eos]))
+    return tokenizer

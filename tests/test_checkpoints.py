@@ -16,7 +16,7 @@ from flax import nnx
 from shardlm.checkpoints import loader, orbax_io
 from shardlm.checkpoints.convert import convert, describe
 from shardlm.checkpoints.gguf import CheckpointError
-from shardlm.checkpoints.hf import HFWeights
+from shardlm.checkpoints.hf import HFWeights, load_tokenizer
 from shardlm.checkpoints.tokenizer import tokenizer_from_file
 from shardlm.engine import Engine, KVCache, SamplingParams
 from shardlm.engine.cli import main
@@ -173,6 +173,8 @@ def test_gguf_tokenizer_travels_into_checkpoint(llm, tmp_path):
     assert back.apply_chat_template(messages) == text
     assert back.encode(text) == llm.tokenizer.encode(text) and back.encode("x", add_bos=True)[0] == llm.tokenizer.bos_token_id
     assert back.stop_token_ids == llm.tokenizer.stop_token_ids and back.add_bos == llm.tokenizer.add_bos
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 11]}))
+    assert load_tokenizer(str(tmp_path)).stop_token_ids == llm.tokenizer.stop_token_ids + [7, 11]
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
