@@ -1,0 +1,142 @@
+"""Pipeline stages over the `stage` mesh axis (sharding/pipeline.py) on 8 virtual CPU devices: the
+schedule itself, greedy tokens and logits equal to the unsharded model, each device holding only its
+stage's layers and cache, and stages talking through collective-permutes only."""
+
+import gc
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from shardlm.engine import SamplingParams, batching
+from shardlm.engine.llm import Placement
+from shardlm.models.config import ModelConfig
+from shardlm.models.llama import Llama
+from shardlm.sharding.collectives import compiled_collectives
+from shardlm.sharding.pipeline import Pipeline, bubble_fraction, check_stages, schedule
+
+# 8 layers so that 2, 4 and 8 stages all split evenly.
+DEEP = ModelConfig("tiny-deep", vocab_size=101, d_model=64, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=16,
+                   d_ff=128, max_seq_len=128, rope_theta=10000.0)
+PROMPTS = [[5, 17, 99, 3, 42, 8, 1], [7] * 30, list(range(10, 60, 3)), [2, 100]]  # one prefill bucket (32)
+NEW = SamplingParams(max_new_tokens=32, ignore_eos=True)
+MAX_LEN = 96
+LOGIT_TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _free():
+    yield
+    gc.collect()
+    jax.clear_caches()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Llama(DEEP, rngs=nnx.Rngs(0))
+
+
+def _generate(engine, prompts):
+    requests = [batching.Request(p, NEW, frozenset(), key=i) for i, p in enumerate(prompts)]
+    return [r.token_ids for r in batching.run(engine, engine.params, requests)]
+
+
+def _run(model, mesh_shape, layout, batch, microbatches=None):
+    placement = Placement.make(DEEP, mesh_shape=mesh_shape, layout=layout, batch_size=batch, microbatches=microbatches)
+    engine = placement.engine(model, batch, MAX_LEN)
+    logits = [np.asarray(engine.prefill(engine.params, p).logits) for p in PROMPTS]
+    return _generate(engine, PROMPTS), np.stack(logits), engine
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    tokens, logits, _ = _run(model, None, None, 1)
+    # Random weights: greedy tokens are a fair comparison only if the top two logits are apart.
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 10 * LOGIT_TOL
+    return tokens, logits
+
+
+# ----- the schedule -----
+
+@pytest.mark.parametrize("stages,micro", [(2, 2), (2, 5), (4, 4), (4, 8), (8, 8), (3, 1)])
+def test_schedule_keeps_every_stage_busy(stages, micro):
+    ticks = schedule(stages, micro)
+    assert len(ticks) == micro + stages - 1
+    for s in range(stages):  # each stage runs every microbatch once, in order, one tick after the stage before
+        runs = [(t, m) for t, row in enumerate(ticks) for m in [row[s]] if m is not None]
+        assert [m for _, m in runs] == list(range(micro))
+        assert [t for t, _ in runs] == list(range(s, s + micro))
+    # Steady state (after the fill, before the drain): no stage idle.
+    for t in range(stages - 1, micro):
+        assert None not in ticks[t]
+    idle = sum(m is None for row in ticks for m in row)
+    assert idle == stages * (stages - 1)
+    assert idle / (stages * len(ticks)) == pytest.approx(bubble_fraction(stages, micro))
+
+
+def test_uneven_split_and_bad_microbatches_are_rejected():
+    with pytest.raises(ValueError, match="8 layers cannot be split evenly into 3"):
+        check_stages(8, 3)
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        Placement.make(DEEP.replace(n_layers=6), mesh_shape={"stage": 4, "x": 2})
+    with pytest.raises(ValueError, match="microbatches must be"):
+        Pipeline(2, 0)
+    with pytest.raises(ValueError, match="needs a pipeline"):
+        Placement.make(DEEP, mesh_shape={"x": 8}, microbatches=4)
+
+
+# ----- the same tokens and logits as one device -----
+
+CASES = [  # mesh, layout, microbatches (None: as many as stages)
+    ({"stage": 2, "x": 2, "y": 2}, "1d_weight_stationary", None),
+    ({"stage": 2, "x": 2, "y": 2}, "2d_weight_stationary", 4),
+    ({"stage": 4, "x": 2}, "1d_weight_stationary", None),
+    ({"stage": 8}, "replicated", None),
+]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("mesh_shape,layout,microbatches", CASES, ids=lambda c: str(c))
+def test_pipeline_equals_unsharded(model, reference, mesh_shape, layout, microbatches, batch):
+    tokens, logits, engine = _run(model, mesh_shape, layout, batch, microbatches)
+    assert engine.pipeline.stages == mesh_shape["stage"]
+    assert engine.pipeline.microbatches == (microbatches or mesh_shape["stage"])
+    assert tokens == reference[0]
+    assert np.abs(logits - reference[1]).max() < LOGIT_TOL
+
+
+# ----- where layers and cache live, and what the stages exchange -----
+
+def test_each_device_holds_only_its_stages_layers_and_cache(model):
+    mesh_shape = {"stage": 4, "x": 2}
+    placement = Placement.make(DEEP, mesh_shape=mesh_shape, layout="1d_weight_stationary", batch_size=8)
+    engine = placement.engine(model, 8, MAX_LEN)
+    stage_of = {d.id: s for s, row in enumerate(placement.mesh.devices) for d in row.flat}
+    placed = placement.place(model)  # before stacking: layer i already only on its stage's devices
+    for i, layer in enumerate(placed.layers):
+        assert {stage_of[d.id] for d in layer.mlp.up[...].sharding.device_set} == {i // 2}
+    state = engine.init_decode_state()
+    arrays = {"cache k": state.cache.k, "cache v": state.cache.v,
+              **{f"weight {i}": a for i, a in enumerate(jax.tree.leaves(engine.params["layers"]))}}
+    for name, a in arrays.items():
+        assert a.shape[0] == DEEP.n_layers, name
+        for shard in a.addressable_shards:
+            s = stage_of[shard.device.id]
+            assert shard.data.shape[0] == 2, name  # 8 layers / 4 stages
+            assert shard.index[0] == slice(2 * s, 2 * s + 2), name
+    # The decode step keeps them there: its donated state comes back with the same shardings.
+    state, _ = engine.generate(engine.params, state)
+    assert state.cache.k.sharding == arrays["cache k"].sharding
+
+
+def test_stages_exchange_activations_by_collective_permute_only(model):
+    placement = Placement.make(DEEP, mesh_shape={"stage": 8}, layout="replicated", batch_size=8)
+    engine = placement.engine(model, 8, MAX_LEN)
+    collectives = compiled_collectives(engine, "decode")
+    kinds = {c.kind for c in collectives}
+    assert "collective-permute" in kinds
+    assert "all-gather" not in kinds  # no layer weights (or cache) gathered across stages
+    activation_bytes = 1 * 1 * DEEP.d_model * 4  # one microbatch of 1 row, [1, 1, D] float32
+    assert max(c.result_bytes for c in collectives) <= activation_bytes
