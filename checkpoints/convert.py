@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from shardlm.checkpoints import hf, loader, orbax_io
 from shardlm.checkpoints.gguf import CheckpointError
+from shardlm.models import quant
 
 CONVERT_DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "float32": jnp.float32}
 
@@ -24,20 +25,23 @@ def _source_dtype(src: str):
     return jnp.bfloat16 if max(dtypes, key=dtypes.get, default="") in ("BF16", "bfloat16") else jnp.float32
 
 
-def convert(src: str, dst: str, *, dtype: str | None = None, force: bool = False, progress=None) -> str:
+def convert(src: str, dst: str, *, dtype: str | None = None, force: bool = False, progress=None,
+            quantize: str | None = None) -> str:
     """Load `src` (GGUF file, HF folder or shardlm checkpoint) and save it as a shardlm checkpoint at `dst`.
 
     dtype: "bf16" or "f32" (None: bf16 for a bf16 source, else f32). Nothing is written at `dst`
     unless the whole conversion succeeds; an existing `dst` is an error unless `force`.
+    quantize: None or "int8" (int8 weights and their scales are saved; see models/quant.py).
     """
     if dtype is not None and dtype not in CONVERT_DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; allowed: bf16, f32")
+    quant.check_mode(quantize)
     dst = orbax_io.check_destination(dst, force)  # before the (slow) load
     src = os.path.abspath(os.path.expanduser(src))
     if os.path.abspath(dst) == src:
         raise CheckpointError(f"source and destination are the same path: {src}")
     target = CONVERT_DTYPES[dtype] if dtype else _source_dtype(src)
-    loaded = loader.load(src, dtype=target, progress=progress)
+    loaded = loader.load(src, dtype=target, progress=progress, quantize=quantize)
     files = [os.path.join(src, f) for f in hf.TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))] \
         if os.path.isdir(src) else []
     return orbax_io.save(dst, loaded.model, loaded.config, tokenizer=loaded.tokenizer, tokenizer_files=files,

@@ -41,13 +41,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-layout", default=None, help="layout for decode only")
     p.add_argument("--attention", default="auto", choices=["auto", "heads", "batch"],
                    help="attention sharding: heads, batch (KV cache split by rows) or auto (default)")
+    _quant_args(p)
+
+
+def _quant_args(p: argparse.ArgumentParser, kv_cache: bool = True) -> None:
+    p.add_argument("--quantize", default=None, help="int8: int8 weights with per-output-channel scales "
+                   "(default: none)")
+    if kv_cache:
+        p.add_argument("--kv-cache", default=None, help="int8: int8 KV cache with per-token, per-head scales "
+                       "(default: the model's dtype)")
 
 
 def _load_llm(args):
     from tqdm import tqdm
 
     from shardlm.engine.llm import LLM
+    from shardlm.models import quant
 
+    quant.check_mode(args.quantize), quant.check_kv_mode(args.kv_cache)  # before the (slow) load
     _status("loading model ...")
     from shardlm.sharding.mesh import parse_mesh
 
@@ -55,7 +66,8 @@ def _load_llm(args):
     with tqdm(desc="loading weights", unit=" tensors", file=sys.stderr, leave=False, disable=None) as bar:
         llm = LLM.load(args.model, mesh_shape=mesh_shape, layout=args.layout, prefill_layout=args.prefill_layout,
                        decode_layout=args.decode_layout, attention=args.attention, dtype=args.dtype,
-                       batch_size=args.batch_size, max_seq_len=args.max_seq_len, progress=bar.update)
+                       batch_size=args.batch_size, max_seq_len=args.max_seq_len, progress=bar.update,
+                       quantize=args.quantize, kv_cache=args.kv_cache)
     mesh = dict(llm.placement.mesh.shape)
     _status(f"mesh {','.join(f'{k}={v}' for k, v in mesh.items() if v > 1) or 'one device'}; "
             f"prefill layout {llm.layouts[0]}, decode layout {llm.layouts[1]}")
@@ -121,8 +133,28 @@ def cmd_convert(args) -> int:
     from shardlm.checkpoints.convert import convert
 
     with tqdm(desc="converting", unit=" tensors", file=sys.stderr, disable=None) as bar:
-        dst = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=bar.update)
+        dst = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=bar.update,
+                      quantize=args.quantize)
     _status(f"wrote {dst}")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from shardlm.engine.perplexity import perplexity
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {args.file} as UTF-8 text: {e}") from None
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    llm = _load_llm(args)
+    result = perplexity(llm, text, max_tokens=args.max_tokens, window=args.window)
+    if args.json:
+        print(json.dumps({"perplexity": result["perplexity"], "tokens": result["tokens"]}))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens")
     return 0
 
 
@@ -222,7 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--dtype", default=None, choices=["bf16", "f32"],
                     help="parameter dtype (default: bf16 for a bf16 source, else f32)")
     cv.add_argument("--force", action="store_true", help="replace DST if it exists (once the new one is complete)")
+    _quant_args(cv, kv_cache=False)
     cv.set_defaults(func=cmd_convert)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a UTF-8 text file under a model (sliding window)")
+    _model_args(pp)
+    pp.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the file")
+    pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512, at most --max-seq-len)")
+    pp.add_argument("--json", action="store_true", help='print {"perplexity", "tokens"}')
+    pp.add_argument("file", metavar="FILE", help="UTF-8 text file")
+    pp.set_defaults(func=cmd_perplexity, batch_size=1)
 
     ins = sub.add_parser("inspect", help="config, parameter count, dtypes and size of a model")
     ins.add_argument("path", metavar="PATH", help="GGUF file, Hugging Face folder or shardlm checkpoint")

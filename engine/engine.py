@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shardlm.engine.kv_cache import KV_AXES, LENGTHS_AXES, KVCache
+from shardlm.engine.kv_cache import LENGTHS_AXES, KVCache, kv_axes
 from shardlm.engine.sampling import SamplingParams, row_keys, sample
+from shardlm.models import quant
 from shardlm.sharding.mesh import make_mesh
 from shardlm.sharding.rules import ShardingRules, shard, use_rules
 
@@ -67,21 +68,26 @@ def _sampling_arrays(sp: SamplingParams):
 class Engine:
     def __init__(self, model: nnx.Module, *, batch_size: int, max_seq_len: int, mesh=None,
                  prefill_rules: ShardingRules | None = None, decode_rules: ShardingRules | None = None,
-                 cache_dtype=None):
+                 cache_dtype=None, pipeline=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         cfg = model.cfg
         if not 1 < max_seq_len <= cfg.max_seq_len:
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_seq_len}] for {cfg.name}, got {max_seq_len}")
         self.cfg = cfg
-        self.graphdef, self.params = nnx.split(model)
+        # A pipeline (sharding/pipeline.py) holds the layers stacked over its stages, and the cache too.
+        self.pipeline = pipeline
+        self.cache_dtype = cache_dtype or quant.compute_dtype(model)  # jnp.int8: an int8 KV cache
+        if pipeline is None:
+            self.graphdef, self.params = nnx.split(model)
+        else:
+            self.graphdef, self.params = pipeline.split(model, mesh, decode_rules)
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         self.buckets = prefill_buckets(max_seq_len)
         self.mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
         self.prefill_rules = prefill_rules or ShardingRules()
         self.decode_rules = decode_rules or ShardingRules()
-        self.cache_dtype = cache_dtype or jnp.result_type(self.params["embed"][...])
         # Per-instance jitted steps: each engine (mesh, layouts) keeps its own compilation cache.
         self._prefill = jax.jit(self._prefill_step)
         state_shardings = self._state_shardings()
@@ -95,7 +101,8 @@ class Engine:
         """Shardings of the decode state under the decode rules (committed arrays on the mesh)."""
         abstract = jax.eval_shape(self._init_state_step)
         rules = self.decode_rules
-        axes = DecodeState(cache=KVCache(k=[KV_AXES] * self.cfg.n_layers, v=[KV_AXES] * self.cfg.n_layers,
+        c = abstract.cache
+        axes = DecodeState(cache=KVCache(k=jax.tree.map(kv_axes, c.k), v=jax.tree.map(kv_axes, c.v),
                                          lengths=LENGTHS_AXES), **STATE_AXES)
         return jax.tree.map(lambda a, x: rules.sharding(self.mesh, a, x.shape), axes, abstract,
                             is_leaf=lambda a: isinstance(a, tuple) and all(isinstance(n, str) for n in a))
@@ -103,13 +110,16 @@ class Engine:
     # ----- steps (traced) -----
 
     def _forward(self, params, tokens, positions, cache, logits_index=None):
+        if self.pipeline is not None:
+            return self.pipeline.forward(self.graphdef, params, tokens, positions, cache, logits_index)
         model = nnx.merge(self.graphdef, params)
         return model(tokens, positions, cache, logits_index=logits_index)
 
     def _prefill_step(self, params, tokens, true_length, temperature, top_k, top_p, seed):
         cfg = self.cfg
         P = tokens.shape[1]
-        cache = KVCache.zeros(cfg.n_layers, 1, P, cfg.n_kv_heads, cfg.head_dim, self.cache_dtype)
+        cache = KVCache.zeros(cfg.n_layers, 1, P, cfg.n_kv_heads, cfg.head_dim, self.cache_dtype,
+                              stacked=self.pipeline is not None)
         positions = jnp.arange(P, dtype=jnp.int32)[None, :]
         last = (true_length - 1)[None]
         logits, cache = self._forward(params, tokens, positions, cache, logits_index=last)
@@ -121,7 +131,8 @@ class Engine:
     def _init_state_step(self):
         cfg = self.cfg
         B, S = self.batch_size, self.max_seq_len
-        cache = KVCache.zeros(cfg.n_layers, B, S, cfg.n_kv_heads, cfg.head_dim, self.cache_dtype)
+        cache = KVCache.zeros(cfg.n_layers, B, S, cfg.n_kv_heads, cfg.head_dim, self.cache_dtype,
+                              stacked=self.pipeline is not None)
         state = DecodeState(cache=cache, tokens=jnp.zeros((B,), jnp.int32), seeds=jnp.zeros((B,), jnp.int32),
                             temperature=jnp.zeros((B,), jnp.float32), top_k=jnp.zeros((B,), jnp.int32),
                             top_p=jnp.ones((B,), jnp.float32))
@@ -129,18 +140,20 @@ class Engine:
 
     def _shard_state(self, state: DecodeState) -> DecodeState:
         cache = state.cache
-        cache = cache.replace(k=[shard(k, KV_AXES) for k in cache.k], v=[shard(v, KV_AXES) for v in cache.v],
+        constrain = lambda a: shard(a, kv_axes(a))  # noqa: E731
+        cache = cache.replace(k=jax.tree.map(constrain, cache.k), v=jax.tree.map(constrain, cache.v),
                               lengths=shard(cache.lengths, LENGTHS_AXES))
         fields = {name: shard(getattr(state, name), axes) for name, axes in STATE_AXES.items()}
         return DecodeState(cache=cache, **fields)
 
     def _insert_step(self, prefix: Prefix, state: DecodeState, slot, temperature, top_k, top_p, seed):
-        def put(dst, src):  # src [1, P, K, H] into dst [B, S, K, H] at row `slot`
-            return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), (slot, 0, 0, 0))
+        def put(dst, src):  # src [(L,) 1, P, K, H] into dst [(L,) B, S, K, H] at row `slot`
+            start = (0,) * (dst.ndim - 4) + (slot, 0, 0, 0)
+            return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), start)
 
         cache = state.cache
-        cache = cache.replace(k=[put(d, s) for d, s in zip(cache.k, prefix.cache.k)],
-                              v=[put(d, s) for d, s in zip(cache.v, prefix.cache.v)],
+        cache = cache.replace(k=jax.tree.map(put, cache.k, prefix.cache.k),
+                              v=jax.tree.map(put, cache.v, prefix.cache.v),
                               lengths=cache.lengths.at[slot].set(prefix.cache.lengths[0]))
         state = DecodeState(cache=cache, tokens=state.tokens.at[slot].set(prefix.token),
                             seeds=state.seeds.at[slot].set(seed), temperature=state.temperature.at[slot].set(temperature),

@@ -13,16 +13,31 @@ KV_AXES = ("attn_batch", "cache_seq", "attn_kv_heads", "head_dim")
 LENGTHS_AXES = ("batch",)
 
 
+def kv_axes(a) -> tuple[str, ...]:
+    """Logical axes of one cache array: [B,S,K,H] per layer, or [L,B,S,K,H] stacked (pipeline stages)."""
+    return ("layers",) * (a.ndim - 4) + KV_AXES
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    k: list  # per layer [B, S, K, H]
-    v: list  # per layer [B, S, K, H]
+    k: list  # per layer [B, S, K, H]; or one array [L, B, S, K, H] (stacked, pipeline stages)
+    v: list  # per layer [B, S, K, H]; or one array [L, B, S, K, H]
     lengths: jax.Array  # [B] int32: tokens held per row (the next token's position)
 
     @classmethod
-    def zeros(cls, n_layers: int, batch: int, seq: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
+    def zeros(cls, n_layers: int, batch: int, seq: int, kv_heads: int, head_dim: int, dtype=jnp.float32,
+              stacked: bool = False):
         shape = (batch, seq, kv_heads, head_dim)
+        if jnp.dtype(dtype) == jnp.int8:  # per layer (int8 [B,S,K,H], scale [B,S,K,1]); see models/quant.py
+            if stacked:
+                raise ValueError("an int8 KV cache is not supported with pipeline stages")
+            pair = lambda: (jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3] + (1,), jnp.float32))  # noqa: E731
+            return cls(k=[pair() for _ in range(n_layers)], v=[pair() for _ in range(n_layers)],
+                       lengths=jnp.zeros((batch,), jnp.int32))
+        if stacked:
+            return cls(k=jnp.zeros((n_layers,) + shape, dtype), v=jnp.zeros((n_layers,) + shape, dtype),
+                       lengths=jnp.zeros((batch,), jnp.int32))
         return cls(k=[jnp.zeros(shape, dtype) for _ in range(n_layers)],
                    v=[jnp.zeros(shape, dtype) for _ in range(n_layers)],
                    lengths=jnp.zeros((batch,), jnp.int32))
@@ -36,4 +51,4 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return jax.tree.leaves(self.k)[0].shape[-3]

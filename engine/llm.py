@@ -16,6 +16,7 @@ from shardlm.checkpoints.tokenizer import Tokenizer
 from shardlm.engine import batching
 from shardlm.engine.engine import Engine
 from shardlm.engine.sampling import SamplingParams
+from shardlm.models import quant
 from shardlm.sharding.layouts import get_layout
 from shardlm.sharding.mesh import make_mesh
 from shardlm.sharding.rules import ShardingRules
@@ -81,10 +82,10 @@ class Placement:
                 for path, var in nnx.to_flat_state(state)]
         return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
-    def engine(self, model: nnx.Module, batch_size: int, max_seq_len: int) -> Engine:
-        """An Engine for `model` on this placement (parameters placed first)."""
+    def engine(self, model: nnx.Module, batch_size: int, max_seq_len: int, cache_dtype=None) -> Engine:
+        """An Engine for `model` on this placement (parameters placed first); cache_dtype jnp.int8: int8 KV."""
         return Engine(self.place(model), batch_size=batch_size, max_seq_len=max_seq_len, mesh=self.mesh,
-                      prefill_rules=self.prefill_rules, decode_rules=self.decode_rules)
+                      prefill_rules=self.prefill_rules, decode_rules=self.decode_rules, cache_dtype=cache_dtype)
 
 
 class LLM:
@@ -101,7 +102,8 @@ class LLM:
     def load(cls, model: str | None = None, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
              prefill_layout: str | None = None, decode_layout: str | None = None, attention: str = "auto",
              dtype: str = "float32", batch_size: int = 8, max_seq_len: int = 1024,
-             progress: Callable[[int], None] | None = None) -> "LLM":
+             progress: Callable[[int], None] | None = None,
+             quantize: str | None = None, kv_cache: str | None = None) -> "LLM":
         """Load a model onto a mesh: a GGUF file (None: the embedded SmolLM2-135M-Instruct), a Hugging
         Face folder (config.json, *.safetensors, tokenizer.json) or a shardlm checkpoint folder
         (`shardlm convert`), each array read straight into its shards.
@@ -113,8 +115,12 @@ class LLM:
         attention: "auto", "heads" or "batch" (batch-sharded KV cache for multiquery/GQA).
         batch_size is the number of decode slots; max_seq_len the tokens (prompt plus generated)
         each slot holds, capped at the model's context length.
+        quantize: None or "int8": int8 weights with per-output-channel scales, quantized while
+        loading (projections, embedding and lm_head; see models/quant.py).
+        kv_cache: None (the model's dtype) or "int8": int8 keys/values with per-token, per-head scales.
         """
         dtype = None if dtype is None else parse_dtype(dtype)  # None: a shardlm checkpoint's saved dtype
+        quantize, kv_cache = quant.check_mode(quantize), quant.check_kv_mode(kv_cache)
         kw = dict(mesh_shape=mesh_shape, layout=layout, prefill_layout=prefill_layout, decode_layout=decode_layout,
                   attention=attention, batch_size=batch_size)
         # The placement needs the config; the loader asks for it before reading any weight.
@@ -124,13 +130,14 @@ class LLM:
             placements["p"] = Placement.make(config, **kw)
             return placements["p"].decode_rules.sharding_fn(placements["p"].mesh)
 
-        loaded = loader.load(model, dtype=dtype, progress=progress, sharding_for=sharding_for)
-        return cls._build(loaded, placements["p"], batch_size, max_seq_len)
+        loaded = loader.load(model, dtype=dtype, progress=progress, sharding_for=sharding_for, quantize=quantize)
+        return cls._build(loaded, placements["p"], batch_size, max_seq_len, jnp.int8 if kv_cache else None)
 
     @classmethod
-    def _build(cls, loaded, placement: Placement, batch_size: int, max_seq_len: int) -> "LLM":
+    def _build(cls, loaded, placement: Placement, batch_size: int, max_seq_len: int, cache_dtype=None) -> "LLM":
         engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=min(max_seq_len, loaded.config.max_seq_len),
-                        mesh=placement.mesh, prefill_rules=placement.prefill_rules, decode_rules=placement.decode_rules)
+                        mesh=placement.mesh, prefill_rules=placement.prefill_rules, decode_rules=placement.decode_rules,
+                        cache_dtype=cache_dtype)
         return cls(loaded, engine, placement)
 
     def relayout(self, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
@@ -142,7 +149,8 @@ class LLM:
                                    decode_layout=decode_layout, attention=attention, batch_size=batch_size)
         model = placement.place(nnx.merge(self.engine.graphdef, self.params))
         loaded = dataclasses.replace(self._loaded, model=model)
-        return self._build(loaded, placement, batch_size, max_seq_len or self.engine.max_seq_len)
+        return self._build(loaded, placement, batch_size, max_seq_len or self.engine.max_seq_len,
+                           self.engine.cache_dtype)
 
     @property
     def layouts(self) -> tuple[str, str]:

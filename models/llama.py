@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from shardlm.models import quant
 from shardlm.models.config import ModelConfig
 from shardlm.sharding.blocks import project_in, project_out
 from shardlm.sharding.rules import gather_weight, shard
@@ -44,6 +45,26 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, init:
     else:
         value = (jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype)
     return nnx.Param(value, axes=axes)
+
+
+def _add_weight(module, name: str, param: nnx.Param, quantize: str | None):
+    """module.<name> = the weight, int8 with module.<name>_scale when quantized (models/quant.py)."""
+    weight, scale = quant.weight_param(param[...], _axes(param), quantize, name)
+    setattr(module, name, weight)
+    if scale is not None:
+        setattr(module, name + "_scale", scale)
+
+
+def _scale(module, name: str):
+    """The per-output-channel scale of a quantized weight, or None."""
+    scale = getattr(module, name + "_scale", None)
+    return None if scale is None else scale[...]
+
+
+def _ws(module, names):
+    """Values, logical axes and scales (None unless quantized) of a block's projection weights."""
+    weights = [getattr(module, n) for n in names]
+    return [w[...] for w in weights], [_axes(w) for w in weights], [_scale(module, n) for n in names]
 
 
 class RMSNorm(nnx.Module):
@@ -84,12 +105,13 @@ def apply_rope(x, positions, inv_freq):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantize: str | None = None):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q = _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype, D**-0.5)
-        self.k = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5)
-        self.v = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5)
-        self.o = _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype, (N * H) ** -0.5)
+        _add_weight(self, "q", _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype, D**-0.5), quantize)
+        _add_weight(self, "k", _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5), quantize)
+        _add_weight(self, "v", _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5), quantize)
+        _add_weight(self, "o", _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype, (N * H) ** -0.5),
+                    quantize)
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (N, H), ("q_heads", "head_dim"), dtype, init="zeros")
             self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
@@ -101,7 +123,7 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         K, H = cfg.n_kv_heads, cfg.head_dim
         G = cfg.n_heads // K
-        q, k, v = project_in(x, [self.q[...], self.k[...], self.v[...]], [_axes(self.q), _axes(self.k), _axes(self.v)])
+        q, k, v = project_in(x, *_ws(self, ("q", "k", "v")))
         if cfg.qkv_bias:
             q, k, v = q + _w(self.q_bias), k + _w(self.k_bias), v + _w(self.v_bias)
         inv_freq = rope_frequencies(cfg)
@@ -114,40 +136,50 @@ class Attention(nnx.Module):
         # Write the new keys/values at their positions (contiguous per row, starting at
         # positions[:, 0]); a per-row update that the partitioner keeps local under batch sharding.
         write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (p, 0, 0)))
-        k_cache, v_cache = write(k_cache, k, positions[:, 0]), write(v_cache, v, positions[:, 0])
         cache_axes = ("attn_batch", "cache_seq", "attn_kv_heads", "head_dim")
-        k_cache, v_cache = shard(k_cache, cache_axes), shard(v_cache, cache_axes)
+        # An int8 cache is a pair (int8 [B,S,K,H], scale [B,S,K,1]): one scale per token and head.
+        int8_kv = isinstance(k_cache, tuple)
+        new_k, new_v = (quant.quantize_kv(k), quant.quantize_kv(v)) if int8_kv else (k, v)
+        k_cache = jax.tree.map(lambda c, u: shard(write(c, u, positions[:, 0]), cache_axes), k_cache, new_k)
+        v_cache = jax.tree.map(lambda c, u: shard(write(c, u, positions[:, 0]), cache_axes), v_cache, new_v)
+        (k_vals, k_scale), (v_vals, v_scale) = (k_cache, v_cache) if int8_kv else ((k_cache, None), (v_cache, None))
 
-        S = k_cache.shape[1]
+        S = k_vals.shape[1]
         qg = q.reshape(B, T, K, G, H)
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_vals.astype(q.dtype), preferred_element_type=jnp.float32)
+        if int8_kv:  # per-(token, head) scales factor out of the sum over H
+            scores = scores * jnp.transpose(k_scale[..., 0], (0, 2, 1))[:, :, None, None, :]
         scores = scores * (H**-0.5)
         visible = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S] causal over cache slots
         scores = jnp.where(visible[:, None, None], scores, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache).reshape(B, T, K * G, H).astype(x.dtype)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if int8_kv:  # and out of the sum over S, as weights on the probabilities
+            probs = probs * jnp.transpose(v_scale[..., 0], (0, 2, 1))[:, :, None, None, :]
+        probs = probs.astype(q.dtype if int8_kv else v_vals.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_vals.astype(probs.dtype)).reshape(B, T, K * G, H)
+        out = out.astype(x.dtype)
         out = shard(out, ("attn_batch", "seq", "attn_heads", "head_dim"))
-        return project_out(out, self.o[...], _axes(self.o)), k_cache, v_cache
+        return project_out(out, self.o[...], _axes(self.o), _scale(self, "o")), k_cache, v_cache
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantize: str | None = None):
         D, F = cfg.d_model, cfg.d_ff
-        self.gate = _param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5)
-        self.up = _param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5)
-        self.down = _param(rngs, (F, D), ("mlp", "embed"), dtype, F**-0.5)
+        _add_weight(self, "gate", _param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5), quantize)
+        _add_weight(self, "up", _param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5), quantize)
+        _add_weight(self, "down", _param(rngs, (F, D), ("mlp", "embed"), dtype, F**-0.5), quantize)
 
     def __call__(self, x):
-        gate, up = project_in(x, [self.gate[...], self.up[...]], [_axes(self.gate), _axes(self.up)])
-        return project_out(jax.nn.silu(gate) * up, self.down[...], _axes(self.down))
+        gate, up = project_in(x, *_ws(self, ("gate", "up")))
+        return project_out(jax.nn.silu(gate) * up, self.down[...], _axes(self.down), _scale(self, "down"))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantize: str | None = None):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
-        self.attn = Attention(cfg, dtype, rngs)
+        self.attn = Attention(cfg, dtype, rngs, quantize)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
-        self.mlp = MLP(cfg, dtype, rngs)
+        self.mlp = MLP(cfg, dtype, rngs, quantize)
 
     def __call__(self, x, positions, k_cache, v_cache):
         with jax.named_scope("attention"):
@@ -159,33 +191,53 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, quantize: str | None = None):
+        """quantize: None (full precision) or "int8" (weights, embedding and lm_head; models/quant.py)."""
         self.cfg = cfg
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, 1.0)
+        quantize = quant.check_mode(quantize)
+        _add_weight(self, "embed", _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, 1.0), quantize)
         # One module (and one weight array per projection) per layer: unrolled at trace time, which
         # decodes faster than a scan over stacked weights (see DESIGN.md, measured on CPU).
-        self.layers = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layers)])
+        self.layers = nnx.List([Block(cfg, dtype, rngs, quantize) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype, cfg.d_model**-0.5)
+            _add_weight(self, "lm_head", _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype,
+                                                cfg.d_model**-0.5), quantize)
 
     def __call__(self, tokens, positions, cache, logits_index=None):
         """tokens, positions [B,T] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B]), cache."""
-        # Look up rows in the table's own D sharding, then move to the residual's: XLA 0.11's
-        # partitioner aborts on a gather whose output is split further than its operand.
-        x = shard(_w(self.embed)[tokens], ("batch", "seq", "act_embed_lookup"))
-        x = shard(x, ("batch", "seq", "act_embed"))  # [B, T, D]
+        x = self.embed_tokens(tokens)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 x, k, v = layer(x, positions, cache.k[i], cache.v[i])
             ks.append(k)
             vs.append(v)
+        return self.head(x, logits_index), cache.replace(k=ks, v=vs)
+
+    # The forward in three parts, so that a pipeline (sharding/pipeline.py) runs the layers its own way.
+
+    def embed_tokens(self, tokens):
+        """tokens [B,T] -> residual [B,T,D]."""
+        # Look up rows in the table's own D sharding, then move to the residual's: XLA 0.11's
+        # partitioner aborts on a gather whose output is split further than its operand.
+        x = _w(self.embed)[tokens]
+        if _scale(self, "embed") is not None:  # int8 rows times their scales
+            scale = gather_weight(self.embed_scale[...], _axes(self.embed_scale))
+            x = x.astype(scale.dtype) * scale[tokens][..., None]
+        x = shard(x, ("batch", "seq", "act_embed_lookup"))
+        return shard(x, ("batch", "seq", "act_embed"))  # [B, T, D]
+
+    def head(self, x, logits_index=None):
+        """residual [B,T,D] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B])."""
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # [B, 1, D]
         x = self.final_norm(x)
-        if self.cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, _w(self.embed), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, _w(self.lm_head), preferred_element_type=jnp.float32)
-        return shard(logits, ("batch", "seq", "act_vocab")), cache.replace(k=ks, v=vs)
+        name = "embed" if self.cfg.tie_embeddings else "lm_head"
+        w = _w(getattr(self, name)).astype(x.dtype)
+        eq = "btd,vd->btv" if self.cfg.tie_embeddings else "btd,dv->btv"
+        logits = jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
+        if _scale(self, name) is not None:  # the per-vocabulary scales of the int8 table
+            scale_var = getattr(self, name + "_scale")
+            logits = logits * gather_weight(scale_var[...], _axes(scale_var)).astype(jnp.float32)
+        return shard(logits, ("batch", "seq", "act_vocab"))

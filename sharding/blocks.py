@@ -15,6 +15,10 @@ their gathered axes). 1D weight-stationary: E_w = (), F_w = xyz; 2D: E_w = x, F_
 weight-gathered over G: E_w = (), F_w = yz - G. A dimension that its axes do not divide is reduced
 with an all-reduce instead of a reduce-scatter (partial replication). Without active rules, or for
 shapes the scheme does not cover, the plain einsum runs and the partitioner decides.
+
+An int8 weight (models/quant.py) comes with its per-output-channel scale; the local matmul reads the
+int8 shard and multiplies its (partial) output by the scale shard, which commutes with the partial
+sums, so the scale is applied before the reduce-scatter and the collectives are unchanged.
 """
 
 from __future__ import annotations
@@ -69,27 +73,44 @@ def _plan(mesh, rules, x_shape, w_shape, w_axes, e_dim: int):
     return x_spec, w_spec, e_res, e_w, f_w, scatter_f
 
 
-def project_in(x, ws, w_axes):
-    """x [B,T,E] (residual layout) times each weight [E, F, ...] -> list of [B,T,F,...]."""
+def _scaled_matmul(eq, x, w, scale):
+    """einsum(eq, x, w) for a float w, or for an int8 w times its per-output-channel scale."""
+    if scale is None:
+        return jnp.einsum(eq, x, w)
+    return (jnp.einsum(eq, x, w.astype(x.dtype)) * scale.astype(x.dtype)).astype(x.dtype)
+
+
+def project_in(x, ws, w_axes, scales=None):
+    """x [B,T,E] (residual layout) times each weight [E, F, ...] -> list of [B,T,F,...].
+
+    scales: per weight None, or the [F, ...] scale of an int8 weight."""
     active = _rules._ACTIVE.get()
+    scales = list(scales) if scales is not None else [None] * len(ws)
     letters = "fgh"[: ws[0].ndim - 1]
     eq = f"btd,d{letters}->bt{letters}"
     plans = [active and _plan(active[0], active[1], x.shape, w.shape, a, 0) for w, a in zip(ws, w_axes)]
     if active is None or not all(plans):
-        return [jnp.einsum(eq, x, w) for w in ws]
+        return [_scaled_matmul(eq, x, w, s) for w, s in zip(ws, scales)]
     mesh, rules = active
     x_spec = plans[0][0]
     e_res, e_w = plans[0][2], plans[0][3]
     if any(p[2:4] != (e_res, e_w) for p in plans):
-        return [jnp.einsum(eq, x, w) for w in ws]
+        return [_scaled_matmul(eq, x, w, s) for w, s in zip(ws, scales)]
     gather_x = tuple(a for a in e_res if a not in e_w)
+    quantized = [i for i, s in enumerate(scales) if s is not None]
+    scale_specs = [PartitionSpec(*plans[i][1][1:]) for i in quantized]  # the weight's output dims
 
-    def local(x, *ws):
+    def local(x, *args):
+        ws, local_scales = args[: len(plans)], dict(zip(quantized, args[len(plans):]))
         if gather_x:
             x = jax.lax.all_gather(x, _entry(gather_x), axis=2, tiled=True)  # -> E over E_w
         outs = []
-        for w, (_, w_spec, _, _, _, scatter_f) in zip(ws, plans):
-            y = jnp.einsum(eq, x, _gather_weight(w, w_spec, rules.gathered))  # partial sum over E_w
+        for i, (w, (_, w_spec, _, _, _, scatter_f)) in enumerate(zip(ws, plans)):
+            scale = local_scales.get(i)
+            if scale is not None:
+                scale = _gather_weight(scale, PartitionSpec(*w_spec[1:]), rules.gathered)
+            # partial sum over E_w (per-channel scales commute with it)
+            y = _scaled_matmul(eq, x, _gather_weight(w, w_spec, rules.gathered), scale)
             if e_w and scatter_f:
                 y = jax.lax.psum_scatter(y, _entry(e_w), scatter_dimension=2, tiled=True)
             elif e_w:
@@ -99,19 +120,22 @@ def project_in(x, ws, w_axes):
 
     out_specs = tuple(PartitionSpec(x_spec[0], x_spec[1], _entry(p[4] + (p[3] if p[5] else ())),
                                     *([None] * (ws[i].ndim - 2))) for i, p in enumerate(plans))
-    in_specs = (x_spec,) + tuple(p[1] for p in plans)
-    return list(shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(x, *ws))
+    in_specs = (x_spec,) + tuple(p[1] for p in plans) + tuple(scale_specs)
+    fn = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    return list(fn(x, *ws, *[scales[i] for i in quantized]))
 
 
-def project_out(h, w, w_axes):
-    """h [B,T,F,...] times the weight [F, ..., E] -> [B,T,E] in the residual layout."""
+def project_out(h, w, w_axes, scale=None):
+    """h [B,T,F,...] times the weight [F, ..., E] -> [B,T,E] in the residual layout.
+
+    scale: None, or the [E] scale of an int8 weight."""
     active = _rules._ACTIVE.get()
-    def matmul(h, w):  # contract the F dims flattened into one (XLA:CPU is ~8x slower on two)
-        return jnp.einsum("btf,fd->btd", h.reshape(*h.shape[:2], -1), w.reshape(-1, w.shape[-1]))
+    def matmul(h, w, scale=None):  # contract the F dims flattened into one (XLA:CPU is ~8x slower on two)
+        return _scaled_matmul("btf,fd->btd", h.reshape(*h.shape[:2], -1), w.reshape(-1, w.shape[-1]), scale)
 
     plan = active and _plan(active[0], active[1], h.shape[:2] + (w.shape[-1],), w.shape, w_axes, w.ndim - 1)
     if active is None or not plan:
-        return _rules.shard(matmul(h, w), RESIDUAL)
+        return _rules.shard(matmul(h, w, scale), RESIDUAL)
     mesh, rules = active
     x_spec, w_spec, e_res, e_w, f_w, scatter_f = plan
     h_f = f_w + (e_w if scatter_f else ())
@@ -119,10 +143,14 @@ def project_out(h, w, w_axes):
     e_local = w.shape[-1] // _size(mesh, e_w)
     scatter_e = bool(f_w) and e_local % _size(mesh, f_w) == 0
 
-    def local(h, w):
+    scale_spec = PartitionSpec(w_spec[-1])  # the weight's output dim E
+
+    def local(h, w, scale=None):
         if e_w and scatter_f:
             h = jax.lax.all_gather(h, _entry(e_w), axis=2, tiled=True)  # F back to F_w
-        y = matmul(h, _gather_weight(w, w_spec, rules.gathered))  # partial sum over F_w
+        if scale is not None:
+            scale = _gather_weight(scale, scale_spec, rules.gathered)
+        y = matmul(h, _gather_weight(w, w_spec, rules.gathered), scale)  # partial sum over F_w
         if f_w and scatter_e:
             y = jax.lax.psum_scatter(y, _entry(f_w), scatter_dimension=2, tiled=True)
         elif f_w:
@@ -131,5 +159,8 @@ def project_out(h, w, w_axes):
 
     out_e = e_w + (f_w if scatter_e else ())
     out_spec = PartitionSpec(x_spec[0], x_spec[1], _entry(out_e))
-    y = shard_map(local, mesh=mesh, in_specs=(h_spec, w_spec), out_specs=out_spec)(h, w)
+    if scale is None:
+        y = shard_map(local, mesh=mesh, in_specs=(h_spec, w_spec), out_specs=out_spec)(h, w)
+    else:
+        y = shard_map(local, mesh=mesh, in_specs=(h_spec, w_spec, scale_spec), out_specs=out_spec)(h, w, scale)
     return _rules.shard(y, RESIDUAL)

@@ -455,3 +455,16 @@ def auto_layouts(config, mesh, batch_size: int, context: int = 1024) -> dict[str
     context = min(config.max_seq_len, context)
     return {phase: best(config, chip, shape, phase, batch, context).layout
             for phase, batch in (("prefill", 1), ("decode", batch_size))}
+
+
+def max_context(config, chip, mesh_shape, batch, layout="2d_weight_stationary", attention="batch",
+                weight_bytes=2, kv_bytes=2) -> int:
+    """Longest decode context whose weights and KV cache fit each chip's memory (Pope et al. Table 1).
+
+    kv_bytes per cached element may be fractional: an int8 cache with one float32 scale per token
+    and head holds 1 + 4 / head_dim bytes per element (models/quant.py)."""
+    one = estimate(config, chip, mesh_shape, "decode", batch, 1, layout, attention, weight_bytes, kv_bytes)
+    two = estimate(config, chip, mesh_shape, "decode", batch, 2, layout, attention, weight_bytes, kv_bytes)
+    per_token = two.bytes_per_chip - one.bytes_per_chip
+    free = get_chip(chip).hbm_bytes - (one.bytes_per_chip - per_token)
+    return max(0, int(free // per_token))
