@@ -100,6 +100,8 @@ def save(dst: str, model: nnx.Module, config: ModelConfig, *, tokenizer=None, to
     checkpoint is complete.
     """
     dst = check_destination(dst, force)
+    if jax.process_count() > 1:  # the .partial/rename protocol below is written for one process
+        raise CheckpointError("saving a checkpoint from a multi-process job is not supported; convert in one process")
     import orbax.checkpoint as ocp
 
     partial = dst + ".partial"

@@ -78,6 +78,7 @@ def test_hf_import_and_convert_equal_transformers(hf_case, tmp_path):
     family, folder, ref_logits, ref_greedy = hf_case
     assert len([f for f in os.listdir(folder) if f.endswith(".safetensors")]) > 2  # really sharded
     np.testing.assert_allclose(_logits(loader.load(folder).model), ref_logits, atol=1e-5, rtol=1e-5)
+    assert _greedy(LLM.load(folder, batch_size=1, max_seq_len=32)) == ref_greedy
 
     dst = convert(folder, str(tmp_path / "ck"))
     restored = loader.load(dst, dtype=None)
@@ -163,7 +164,7 @@ def test_cli_convert_inspect_and_force(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["ck", "hf"]  # no .partial / .old left behind
 
 
-def test_gguf_tokenizer_travels_into_checkpoint(llm, tmp_path):
+def test_gguf_tokenizer_travels_into_checkpoint(llm, gguf_path, tmp_path):
     """The tokenizer built from GGUF metadata, written into a checkpoint and read back: same ids, chat
     prompt and stop tokens (`shardlm convert` of a GGUF writes it this way)."""
     orbax_io.save_tokenizer(llm.tokenizer, str(tmp_path))
@@ -175,6 +176,8 @@ def test_gguf_tokenizer_travels_into_checkpoint(llm, tmp_path):
     assert back.stop_token_ids == llm.tokenizer.stop_token_ids and back.add_bos == llm.tokenizer.add_bos
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 11]}))
     assert load_tokenizer(str(tmp_path)).stop_token_ids == llm.tokenizer.stop_token_ids + [7, 11]
+    info = describe(gguf_path)  # `shardlm inspect` of a GGUF
+    assert info["format"] == "gguf" and info["n_params"] == llm.config.n_params and "Q4_1" in info["dtypes"]
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
