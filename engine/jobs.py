@@ -231,6 +231,24 @@ def _done_mask(parsed: list[Line], records: list[dict]) -> np.ndarray:
     return np.asarray(done, np.int32)
 
 
+def _lines_done(parsed: list[Line], output_path: str) -> np.ndarray:
+    """Process 0 checks the output and finds the lines already done; every process gets its answer
+    (only process 0 may see the file), and all stop together if it refused the file."""
+    view = np.zeros(len(parsed) + 1, np.int32)  # [done per line..., 1 if process 0 refused the output]
+    error = None
+    if jax.process_index() == 0:
+        try:
+            if not os.path.isdir(os.path.dirname(os.path.abspath(output_path))):
+                raise ValueError(f"--output {output_path!r}: its folder does not exist")
+            view[:-1] = _done_mask(parsed, recover_output(output_path))
+        except ValueError as e:
+            error, view[-1] = e, 1
+    view = _broadcast_from_first(view)
+    if view[-1]:
+        raise error or ValueError("process 0 refused --output (its message says why)")
+    return view[:-1]
+
+
 # ----- the job -----
 
 def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = SamplingParams(), *,
@@ -242,13 +260,10 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
     if os.path.abspath(input_path) == os.path.abspath(output_path):
         raise ValueError("--output must differ from --input")
     writer = jax.process_index() == 0
-    if writer and not os.path.isdir(os.path.dirname(os.path.abspath(output_path))):
-        raise ValueError(f"--output {output_path!r}: its folder does not exist")
     lines = read_lines(input_path)
     _check_same_input(lines)
     parsed = parse_input(lines, llm, defaults, chat)
-    done = _done_mask(parsed, recover_output(output_path)) if writer else np.zeros(len(parsed), np.int32)
-    done = _broadcast_from_first(done)  # only process 0 may see the output file
+    done = _lines_done(parsed, output_path)
     pending = [line for line, d in zip(parsed, done) if not d]
     bad = [line for line in pending if line.error]
     # Prompts of one length bucket run together, so each prefill shape is compiled once, early.

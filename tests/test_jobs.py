@@ -231,6 +231,8 @@ def test_output_that_is_not_a_job_file_is_refused(one_device, job, tmp_path):
     with pytest.raises(ValueError, match="line 1 is not a job record"):
         jobs.run_job(llm, job, str(out), DEFAULTS, progress=False)
     assert out.read_text() == "my notes\n"
+    with pytest.raises(ValueError, match="its folder does not exist"):
+        jobs.run_job(llm, job, str(tmp_path / "no" / "out.jsonl"), DEFAULTS, progress=False)
 
 
 @pytest.mark.parametrize("argv, fragment", [
