@@ -234,3 +234,21 @@ def test_planner_int8_kv_context_factor():
     assert ctx["batch", int8_kv] / ctx["batch", 2] == pytest.approx(2 / int8_kv, rel=0.01)
     # 8 kv heads over 16 chips: a heads-sharded cache is replicated twice; a batch-sharded one is not.
     assert ctx["batch", 2] / ctx["heads", 2] == pytest.approx(2, rel=0.01)
+
+
+def test_convert_quantize_int8_saves_int8_that_restores_like_quantizing_in_memory(tmp_path, capsys):
+    """`shardlm convert SRC DST --quantize int8` from a float shardlm checkpoint (quantized tensor by
+    tensor after the restore): the saved int8 weights and scales equal quantize_model's."""
+    model = Llama(CFG, rngs=nnx.Rngs(4))
+    src, dst = str(tmp_path / "f32"), str(tmp_path / "int8")
+    orbax_io.save(src, model, CFG)
+    assert main(["convert", src, dst, "--quantize", "int8"]) == 0
+    assert loader.checkpoint_quantization(orbax_io.read_metadata(dst)) == "int8"
+    expected = dict(nnx.to_flat_state(nnx.state(quant.quantize_model(model, "int8"))))
+    restored = nnx.to_flat_state(nnx.state(loader.load(dst).model))
+    assert {p for p, _ in restored} == set(expected)
+    for path, var in restored:
+        np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(expected[path][...]))
+    assert main(["convert", dst, str(tmp_path / "again"), "--quantize", "int8"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
