@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -41,6 +42,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-layout", default=None, help="layout for decode only")
     p.add_argument("--attention", default="auto", choices=["auto", "heads", "batch"],
                    help="attention sharding: heads, batch (KV cache split by rows) or auto (default)")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="with --mesh stage=N: microbatches per step in the pipeline (default N)")
     _quant_args(p)
 
 
@@ -67,7 +70,7 @@ def _load_llm(args):
         llm = LLM.load(args.model, mesh_shape=mesh_shape, layout=args.layout, prefill_layout=args.prefill_layout,
                        decode_layout=args.decode_layout, attention=args.attention, dtype=args.dtype,
                        batch_size=args.batch_size, max_seq_len=args.max_seq_len, progress=bar.update,
-                       quantize=args.quantize, kv_cache=args.kv_cache)
+                       quantize=args.quantize, kv_cache=args.kv_cache, microbatches=args.microbatches)
     mesh = dict(llm.placement.mesh.shape)
     _status(f"mesh {','.join(f'{k}={v}' for k, v in mesh.items() if v > 1) or 'one device'}; "
             f"prefill layout {llm.layouts[0]}, decode layout {llm.layouts[1]}")
@@ -181,17 +184,73 @@ def cmd_layouts(args) -> int:
         print(f"{name:{width}}  {layout.description}")
     print("\nattention: heads (split by heads like F) or batch (Q/K/V all-to-all to a batch-split KV cache, for "
           "multiquery/GQA); auto uses batch in decode when the kv heads cannot be split and the batch can")
+    print(pipeline_text(args))
+    return 0
+
+
+def pipeline_text(args) -> str:
+    """The stage axis: how layers split, the bubble, and the bytes passed between stages."""
+    from shardlm.models.config import preset
+    from shardlm.sharding import pipeline
+    from shardlm.sharding.mesh import parse_mesh
+
+    lines = ["\npipeline (mesh axis stage=N): the layers split evenly into N stages (an uneven split is "
+             "rejected), each stage's devices hold only its layers and their KV cache and run any layout above; "
+             "a step's tokens go through in M microbatches (decode: rows, prefill: chunks of positions), so a "
+             "step takes M + N - 1 ticks: bubble fraction (N - 1) / (M + N - 1); between stages pass "
+             "(N - 1) x B x T x D activation bytes per step"]
+    stages = pipeline.stages_in(parse_mesh(args.mesh) if args.mesh else None)
+    if stages > 1:
+        config = preset(args.model)
+        pipeline.check_stages(config.n_layers, stages)
+        if args.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        M = pipeline.microbatches_for(args.batch, args.microbatches or stages)
+        lines.append(f"  {config.name}, {stages} stages of {config.n_layers // stages} layers, decode batch "
+                     f"{args.batch} in {M} microbatches: bubble {pipeline.bubble_fraction(stages, M):.0%}, "
+                     f"{pipeline.stage_transfer_bytes(args.batch, 1, config.d_model, 2, stages):,.0f} bytes "
+                     f"(bf16) between stages per decode step")
+    return "\n".join(lines)
+
+
+def _plan_pipeline(args, config, mesh: dict[str, int]) -> int:
+    from shardlm.sharding import pipeline
+
+    if math.prod(mesh.values()) != args.chips:
+        raise ValueError(f"mesh {args.mesh} has {math.prod(mesh.values())} chips, not {args.chips}")
+    wb = {"int8": 1, "bf16": 2, "bfloat16": 2}[args.weights]
+    context = args.context or min(config.max_seq_len, 2048)
+    out = {}
+    for phase in [args.phase] if args.phase else ["prefill", "decode"]:
+        ranked = pipeline.pipeline_plan(config, args.chip, mesh, phase, args.batch, context, args.microbatches, wb)
+        out[phase] = {"mesh": mesh, "pipelines": [e.as_dict() for e in ranked]}
+        if args.json:
+            continue
+        first = ranked[0]
+        print(f"{config.name} {phase}: {args.chips} x {args.chip}, mesh {args.mesh}, batch {args.batch}, context "
+              f"{context}: {first.stages} stages x {config.n_layers // first.stages} layers, {first.microbatches} "
+              f"microbatches, bubble {first.bubble_fraction:.0%} (step = (M + stages - 1) ticks)")
+        print(f"  {'layout':22} {'attn':5} {'step ms':>10} {'tick ms':>9} {'stage bytes':>12} {'GiB/chip':>8}")
+        for e in ranked:
+            print(f"{'*' if e is first else ' '} {e.tick.layout:22} {e.tick.attention:5} {e.step_time_s * 1e3:10.2f} "
+                  f"{e.tick.step_time_s * 1e3:9.2f} {e.stage_bytes:12,.0f} {e.bytes_per_chip / 2**30:8.1f}"
+                  + ("" if e.fits else "  does not fit"))
+        print()
+    if args.json:
+        print(json.dumps(out[args.phase] if args.phase else out))
     return 0
 
 
 def cmd_plan(args) -> int:
     from shardlm.models.config import preset
-    from shardlm.sharding import planner
+    from shardlm.sharding import pipeline, planner
     from shardlm.sharding.mesh import parse_mesh
 
     config = preset(args.model)
     if args.chips < 1:
         raise ValueError(f"--chips must be >= 1, got {args.chips}")
+    if args.mesh and pipeline.stages_in(parse_mesh(args.mesh)) > 1:
+        return _plan_pipeline(args, config, parse_mesh(args.mesh))
     mesh = parse_mesh(args.mesh) if args.mesh else planner.default_mesh(args.chips)
     mesh = planner._check_mesh(mesh, args.chips)
     wb = {"int8": 1, "bf16": 2, "bfloat16": 2}[args.weights]
@@ -234,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     lay = sub.add_parser("layouts", help="list the partitioning layouts and what each shards where")
+    lay.add_argument("--mesh", default=None, help="with a stage axis, e.g. stage=2,x=2,y=2: the pipeline's costs")
+    lay.add_argument("--model", default="smollm2-135m", help="model preset for the pipeline's figures")
+    lay.add_argument("--batch", type=int, default=8, help="decode batch for the pipeline's figures (default 8)")
+    lay.add_argument("--microbatches", type=int, default=None, help="pipeline microbatches (default: the stages)")
     lay.set_defaults(func=cmd_layouts)
 
     pl = sub.add_parser("plan", help="estimate step time, memory and communication of each layout (no devices)")
@@ -245,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--context", type=int, default=None, help="tokens of context (default min(max_seq_len, 2048))")
     pl.add_argument("--phase", default=None, choices=["prefill", "decode"], help="default: both")
     pl.add_argument("--weights", default="bf16", choices=["int8", "bf16", "bfloat16"], help="weight dtype")
+    pl.add_argument("--microbatches", type=int, default=None, help="with a stage axis in --mesh (default: the stages)")
     pl.add_argument("--json", action="store_true", help="one JSON object")
     pl.set_defaults(func=cmd_plan)
 

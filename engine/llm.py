@@ -19,6 +19,7 @@ from shardlm.engine.sampling import SamplingParams
 from shardlm.models import quant
 from shardlm.sharding.layouts import get_layout
 from shardlm.sharding.mesh import make_mesh
+from shardlm.sharding.pipeline import Pipeline, check_not_quantized, pipeline_for
 from shardlm.sharding.rules import ShardingRules
 
 DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
@@ -50,11 +51,13 @@ class Placement:
     decode_layout: str
     prefill_rules: ShardingRules
     decode_rules: ShardingRules
+    pipeline: Pipeline | None = None  # layers split into stages over the mesh's stage axis
 
     @classmethod
     def make(cls, config, *, mesh_shape=None, layout=None, prefill_layout=None, decode_layout=None,
-             attention="auto", batch_size=8) -> "Placement":
+             attention="auto", batch_size=8, microbatches=None) -> "Placement":
         mesh = make_mesh(mesh_shape) if mesh_shape else make_mesh(devices=jax.devices()[:1])
+        pipe = pipeline_for(config, mesh, microbatches)
         if layout is not None and (prefill_layout is not None or decode_layout is not None):
             raise ValueError("give either layout (both phases) or prefill_layout/decode_layout, not both")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -69,23 +72,28 @@ class Placement:
             layout = None
         prefill = get_layout(prefill_layout or layout or default).effective(mesh, "prefill", 1)
         decode = get_layout(decode_layout or layout or default).effective(mesh, "decode", batch_size)
-        return cls(mesh, prefill.name, decode.name,
-                   prefill.rules(mesh, "prefill", 1, config.n_kv_heads, attention),
-                   decode.rules(mesh, "decode", batch_size, config.n_kv_heads, attention))
+        prefill_rules = prefill.rules(mesh, "prefill", 1, config.n_kv_heads, attention)
+        decode_rules = decode.rules(mesh, "decode", batch_size, config.n_kv_heads, attention)
+        if pipe is not None:
+            prefill_rules, decode_rules = pipe.rules(prefill_rules), pipe.rules(decode_rules)
+        return cls(mesh, prefill.name, decode.name, prefill_rules, decode_rules, pipe)
 
 
     def place(self, model: nnx.Module) -> nnx.Module:
         """The model with every parameter moved (device to device) to its decode-layout sharding."""
-        to = self.decode_rules.sharding_fn(self.mesh)
+        plain = self.decode_rules.sharding_fn(self.mesh)
+        to = (self.pipeline.sharding_fn(self.mesh, self.decode_rules, len(model.layers)) if self.pipeline
+              else lambda axes, shape, path: plain(axes, shape))
         graphdef, state = nnx.split(model)
-        flat = [(path, var.replace(jax.device_put(var[...], to(var.get_metadata()["axes"], var.shape))))
+        flat = [(path, var.replace(jax.device_put(var[...], to(var.get_metadata()["axes"], var.shape, path))))
                 for path, var in nnx.to_flat_state(state)]
         return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
     def engine(self, model: nnx.Module, batch_size: int, max_seq_len: int, cache_dtype=None) -> Engine:
         """An Engine for `model` on this placement (parameters placed first); cache_dtype jnp.int8: int8 KV."""
         return Engine(self.place(model), batch_size=batch_size, max_seq_len=max_seq_len, mesh=self.mesh,
-                      prefill_rules=self.prefill_rules, decode_rules=self.decode_rules, cache_dtype=cache_dtype)
+                      prefill_rules=self.prefill_rules, decode_rules=self.decode_rules, pipeline=self.pipeline,
+                      cache_dtype=cache_dtype)
 
 
 class LLM:
@@ -102,7 +110,7 @@ class LLM:
     def load(cls, model: str | None = None, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
              prefill_layout: str | None = None, decode_layout: str | None = None, attention: str = "auto",
              dtype: str = "float32", batch_size: int = 8, max_seq_len: int = 1024,
-             progress: Callable[[int], None] | None = None,
+             progress: Callable[[int], None] | None = None, microbatches: int | None = None,
              quantize: str | None = None, kv_cache: str | None = None) -> "LLM":
         """Load a model onto a mesh: a GGUF file (None: the embedded SmolLM2-135M-Instruct), a Hugging
         Face folder (config.json, *.safetensors, tokenizer.json) or a shardlm checkpoint folder
@@ -115,14 +123,17 @@ class LLM:
         attention: "auto", "heads" or "batch" (batch-sharded KV cache for multiquery/GQA).
         batch_size is the number of decode slots; max_seq_len the tokens (prompt plus generated)
         each slot holds, capped at the model's context length.
+        microbatches: with a stage axis > 1 (pipeline stages, layers split evenly), the microbatches
+        each step's tokens are split into (default: the number of stages; see sharding.pipeline).
         quantize: None or "int8": int8 weights with per-output-channel scales, quantized while
         loading (projections, embedding and lm_head; see models/quant.py).
         kv_cache: None (the model's dtype) or "int8": int8 keys/values with per-token, per-head scales.
         """
         dtype = None if dtype is None else parse_dtype(dtype)  # None: a shardlm checkpoint's saved dtype
         quantize, kv_cache = quant.check_mode(quantize), quant.check_kv_mode(kv_cache)
+        check_not_quantized(mesh_shape, quantize or kv_cache)
         kw = dict(mesh_shape=mesh_shape, layout=layout, prefill_layout=prefill_layout, decode_layout=decode_layout,
-                  attention=attention, batch_size=batch_size)
+                  attention=attention, batch_size=batch_size, microbatches=microbatches)
         # The placement needs the config; the loader asks for it before reading any weight.
         placements = {}
 
@@ -137,17 +148,21 @@ class LLM:
     def _build(cls, loaded, placement: Placement, batch_size: int, max_seq_len: int, cache_dtype=None) -> "LLM":
         engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=min(max_seq_len, loaded.config.max_seq_len),
                         mesh=placement.mesh, prefill_rules=placement.prefill_rules, decode_rules=placement.decode_rules,
-                        cache_dtype=cache_dtype)
+                        pipeline=placement.pipeline, cache_dtype=cache_dtype)
         return cls(loaded, engine, placement)
 
     def relayout(self, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
                  prefill_layout: str | None = None, decode_layout: str | None = None, attention: str = "auto",
-                 batch_size: int | None = None, max_seq_len: int | None = None) -> "LLM":
+                 batch_size: int | None = None, max_seq_len: int | None = None,
+                 microbatches: int | None = None) -> "LLM":
         """The same weights on another mesh or layout, moved device to device (no reload)."""
         batch_size = batch_size or self.engine.batch_size
         placement = Placement.make(self.config, mesh_shape=mesh_shape, layout=layout, prefill_layout=prefill_layout,
-                                   decode_layout=decode_layout, attention=attention, batch_size=batch_size)
-        model = placement.place(nnx.merge(self.engine.graphdef, self.params))
+                                   decode_layout=decode_layout, attention=attention, batch_size=batch_size,
+                                   microbatches=microbatches)
+        pipe = self.engine.pipeline
+        model = pipe.merge(self.engine.graphdef, self.params) if pipe else nnx.merge(self.engine.graphdef, self.params)
+        model = placement.place(model)
         loaded = dataclasses.replace(self._loaded, model=model)
         return self._build(loaded, placement, batch_size, max_seq_len or self.engine.max_seq_len,
                            self.engine.cache_dtype)

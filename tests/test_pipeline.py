@@ -140,3 +140,38 @@ def test_stages_exchange_activations_by_collective_permute_only(model):
     assert "all-gather" not in kinds  # no layer weights (or cache) gathered across stages
     activation_bytes = 1 * 1 * DEEP.d_model * 4  # one microbatch of 1 row, [1, 1, D] float32
     assert max(c.result_bytes for c in collectives) <= activation_bytes
+
+
+# ----- the planner and the CLI account for the stage axis -----
+
+def test_pipeline_estimate_counts_ticks_bubble_and_stage_bytes():
+    from shardlm.models.config import preset
+    from shardlm.sharding import planner
+    from shardlm.sharding.pipeline import pipeline_estimate
+
+    palm = preset("palm-540b")
+    e = pipeline_estimate(palm, "tpu-v4", {"stage": 2, "x": 4, "y": 4, "z": 4}, "decode", 64, 2048,
+                          "2d_weight_stationary", microbatches=4)
+    assert (e.stages, e.microbatches) == (2, 4)
+    assert e.bubble_fraction == pytest.approx(1 / 5)
+    assert e.stage_bytes == 1 * 64 * palm.d_model * 2  # one boundary, B x T x D bf16 activations
+    # One tick: half the layers on a quarter of the batch over the 64-chip x/y/z group.
+    tick = planner.estimate(palm.replace(n_layers=palm.n_layers // 2), "tpu-v4", {"x": 4, "y": 4, "z": 4},
+                            "decode", 16, 2048, "2d_weight_stationary")
+    assert e.tick.step_time_s == pytest.approx(tick.step_time_s)
+    assert e.step_time_s >= 5 * tick.step_time_s  # M + stages - 1 ticks
+    assert e.tick.weight_bytes_per_chip == pytest.approx(tick.weight_bytes_per_chip)
+
+
+def test_cli_layouts_and_plan_with_stages(capsys):
+    from shardlm.engine.cli import main
+
+    assert main(["layouts", "--mesh", "stage=2,x=2,y=2", "--batch", "8", "--microbatches", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 stages of 15 layers, decode batch 8 in 2 microbatches: bubble 33%, 9,216 bytes" in out
+    assert main(["plan", "--model", "palm-540b", "--chip", "tpu-v4", "--chips", "128", "--mesh",
+                 "stage=2,x=4,y=4,z=4", "--batch", "64", "--phase", "decode", "--json"]) == 0
+    best = __import__("json").loads(capsys.readouterr().out)["pipelines"][0]
+    assert (best["stages"], best["microbatches"], best["bubble_fraction"]) == (2, 2, pytest.approx(1 / 3))
+    assert main(["layouts", "--mesh", "stage=4"]) == 2  # 30 layers into 4 stages
+    assert "cannot be split evenly into 4" in capsys.readouterr().err
