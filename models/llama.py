@@ -8,7 +8,9 @@ names its dimensions; sharding/ maps the names to mesh axes. Glossary: B batch, 
 S cached sequence, D d_model, N query heads, K kv heads, G = N/K, H head dim, F d_ff, V vocab.
 
 Forward: `model(tokens [B,T], positions [B,T], cache) -> (logits [B,T,V], cache)`. `cache` is any
-pytree with per-layer lists `k`, `v` of [B,S,K,H] and a `replace(k=, v=)` method (engine.KVCache).
+pytree with per-layer lists `k`, `v` of [B,S,K,H] (an int8 cache: pairs of int8 [B,S,K,H] and
+scale [B,S,K,1]) and a `replace(k=, v=)` method (engine.KVCache). `quantize="int8"` gives int8
+weights with per-output-channel scales (models/quant.py).
 New keys/values are written at their absolute positions (contiguous within a row); a query at
 position p attends to cache slots 0..p, so padded tokens after a prompt never leak into it.
 """
