@@ -149,6 +149,8 @@ class LLM:
         engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=min(max_seq_len, loaded.config.max_seq_len),
                         mesh=placement.mesh, prefill_rules=placement.prefill_rules, decode_rules=placement.decode_rules,
                         pipeline=placement.pipeline, cache_dtype=cache_dtype)
+        if placement.pipeline is not None:  # the engine holds the layers stacked; drop the per-layer copies
+            loaded = dataclasses.replace(loaded, model=None)
         return cls(loaded, engine, placement)
 
     def relayout(self, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
