@@ -309,11 +309,34 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
 
 
 def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar on a terminal; elsewhere (logs, `shardlm launch`, ssh without a tty) a line every 10 s."""
     if not enabled:
         return None
-    from tqdm import tqdm
+    if sys.stderr.isatty():
+        from tqdm import tqdm
 
-    return tqdm(total=total, desc="job", unit=" prompts", file=sys.stderr, disable=None)
+        return tqdm(total=total, desc="job", unit=" prompts", file=sys.stderr)
+    return _ProgressLines(total)
+
+
+class _ProgressLines:
+    """The tqdm calls run_job makes, printed as whole lines at most every `every_s` seconds."""
+
+    def __init__(self, total: int, every_s: float = 10.0):
+        self.total, self.n, self.postfix, self.every_s = total, 0, "", every_s
+        self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.perf_counter() - self.last >= self.every_s:
+            self.last = time.perf_counter()
+            print(f"job: {self.n}/{self.total} prompts, {self.postfix}", file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        self.postfix = text
+
+    def close(self) -> None:
+        pass
 
 
 def format_summary(s: dict) -> str:
