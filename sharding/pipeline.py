@@ -260,14 +260,6 @@ def stages_in(mesh_shape: dict[str, int] | None) -> int:
     return (mesh_shape or {}).get(STAGE, 1)
 
 
-def layer_split(n_layers: int, n_stages: int) -> list[range]:
-    """The layers each stage holds."""
-    check_stages(n_layers, n_stages)
-    per = n_layers // n_stages
-    return [range(s * per, (s + 1) * per) for s in range(n_stages)]
-
-
-
 def pipeline_for(config, mesh, microbatches: int | None = None) -> Pipeline | None:
     """The pipeline a mesh asks for (None without a stage axis); microbatches default to the stages."""
     n = stages_of(mesh)
