@@ -23,7 +23,7 @@ import pytest
 from shardlm.checkpoints.gguf import read_metadata
 from shardlm.checkpoints.loader import embedded_model_path
 from shardlm.engine import LLM, SamplingParams
-from shardlm.engine import jobs
+from shardlm.engine import jobs, launch
 from shardlm.engine.cli import main
 
 MAX_SEQ_LEN = 128
@@ -283,3 +283,32 @@ def test_killed_process_stops_job_and_rerun_completes(tiny, job, launcher_env, t
                            timeout=240)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert read_records(output) == two_processes
+
+
+@pytest.mark.slow  # one launch of 2 processes and a 5 s heartbeat timeout (~35 s)
+def test_lost_process_stops_the_others_without_launcher(tiny, job, launcher_env, tmp_path):
+    """On a cluster nothing like the launcher watches the processes: JAX's coordination service
+    notices the silent one and aborts the rest, naming it."""
+    output = tmp_path / "out.jsonl"
+    env = dict(launcher_env, **{k: v for k, v in launch.process_env(4).items() if k in ("XLA_FLAGS", "JAX_PLATFORMS")})
+    argv = launch_argv(tiny, job, output)
+    run_args = argv[argv.index("run"):] + ["--coordinator", f"127.0.0.1:{launch.free_port()}", "--num-processes",
+                                          "2", "--heartbeat-timeout", "5"]
+    procs = [subprocess.Popen([sys.executable, "-m", "shardlm.engine.cli", *run_args, "--process-id", str(i)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while not (output.exists() and output.read_bytes().count(b"\n") >= BAD_LINES + 2):
+            assert procs[0].poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        procs[1].kill()
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        assert time.monotonic() - killed < 60
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode != 0
+    assert "Task 1 heartbeat timeout" in err, err[-3000:]
+    assert BAD_LINES + 2 <= len(read_records(output)) < N_PROMPTS + BAD_LINES  # whole lines, job unfinished
