@@ -1,7 +1,10 @@
 """Pope et al. 2022's partitioning layouts (section 3) as named rule sets over the mesh (x, y, z).
 
 Notation as in the paper: `E_x F_yz` is a weight whose E (d_model) dimension is split over mesh
-axis x and F (d_ff) over y and z. Weights keep one of two storage layouts, activations change (the projection blocks in blocks.py
+axis x and F (d_ff) over y and z. Stored, F is split z-major (PartitionSpec entry ("z", "y")) so
+that all-gathering it over y (weight_gathered_xy) leaves each device a contiguous block of F_z; with
+y major the gathered block would hold strided heads, and grouped-query attention would pair query
+heads with the wrong kv heads wherever kv heads are split over fewer axes than query heads. Weights keep one of two storage layouts, activations change (the projection blocks in blocks.py
 derive each block's collectives from the weight storage and the residual layout):
 
 - 1d_weight_stationary: W_in E F_xyz, W_out F_xyz E; heads like F. The residual stream is BLE_xyz:
@@ -36,6 +39,7 @@ from jax.sharding import Mesh
 from shardlm.sharding.rules import ShardingRules
 
 XYZ = ("x", "y", "z")
+F_AXES = ("z", "y")  # F and heads of the 2D storage, z-major (see module docstring)
 
 
 @dataclass(frozen=True)
@@ -96,13 +100,13 @@ class Layout:
 
 
 def _weight_gathered(axes: tuple[str, ...]) -> Layout:
-    rest = tuple(a for a in XYZ if a not in axes)
+    rest = tuple(a for a in F_AXES if a not in axes)
     name = "weight_gathered_" + "".join(axes)
     return Layout(
         name=name,
         description=(f"weights stored E_x F_yz, all-gathered over {'/'.join(axes)} before use; tokens split over "
                      f"{'/'.join(axes)}" + (f"; E, F and heads over {'/'.join(rest)}" if rest else "; no activation collectives")),
-        weights=dict(embed=("x",), mlp=("y", "z"), q_heads=("y", "z"), kv_heads=("y", "z"), vocab=("y", "z")),
+        weights=dict(embed=("x",), mlp=F_AXES, q_heads=F_AXES, kv_heads=F_AXES, vocab=F_AXES),
         gathered=axes,
         acts=dict(tokens=axes, act_embed=rest, act_vocab=rest),
         heads_axes=rest,
@@ -124,11 +128,13 @@ LAYOUTS: dict[str, Layout] = {
         Layout("2d_weight_stationary",
                "W_in E_x F_yz, W_out F_yz E_x, heads over y/z; activations BLE_xyz, gathered over yz before and "
                "reduce-scattered over x between the two matmuls",
-               weights=dict(embed=("x",), mlp=("y", "z"), q_heads=("y", "z"), kv_heads=("y", "z"), vocab=("y", "z")),
+               weights=dict(embed=("x",), mlp=F_AXES, q_heads=F_AXES, kv_heads=F_AXES, vocab=F_AXES),
                gathered=(),
-               # The embedding lookup's output keeps the table's E_x first (see models/llama.py).
-               acts=dict(act_embed=XYZ, act_vocab=("y", "z"), act_embed_lookup=("x",)),
-               heads_axes=("y", "z", "x")),
+               # The residual E_xzy: x major (the weights' E_x), then F's order, so that the second
+               # matmul's reduce-scatter over F_zy lands on it without a permute. The embedding
+               # lookup's output keeps the table's E_x first (see models/llama.py).
+               acts=dict(act_embed=("x",) + F_AXES, act_vocab=F_AXES, act_embed_lookup=("x",)),
+               heads_axes=F_AXES + ("x",)),
         _weight_gathered(("x",)),
         _weight_gathered(("x", "y")),
         _weight_gathered(("x", "y", "z")),

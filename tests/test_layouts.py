@@ -99,6 +99,26 @@ def test_weight_gathered_decode_gives_unsharded_tokens(layout):
     assert len({tuple(t) for t in reference}) > 1  # the prompts lead to different continuations
 
 
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "replicated"])
+def test_grouped_query_heads_split_unevenly(layout):
+    """2 kv heads for 8 query heads: kv heads split over fewer mesh axes than query heads (partial
+    replication), with random q/k/v biases, so any misalignment between a query head, its kv head
+    and its bias shows. Prefill logits and batch-8 greedy tokens vs one device."""
+    cfg = CFG.replace(n_kv_heads=2, qkv_bias=True)
+    model = Llama(cfg, rngs=nnx.Rngs(2))
+    keys = iter(jax.random.split(jax.random.key(3), 3 * cfg.n_layers))
+    for block in model.layers:
+        for name in ("q_bias", "k_bias", "v_bias"):
+            bias = getattr(block.attn, name)
+            bias[...] = jax.random.normal(next(keys), bias.shape)
+    one = Placement.make(cfg, batch_size=8).engine(model, batch_size=8, max_seq_len=64)
+    sharded = Placement.make(cfg, mesh_shape=MESH, layout=layout, batch_size=8).engine(model, batch_size=8,
+                                                                                         max_seq_len=64)
+    logits = [np.asarray(e.prefill(e.params, TOKEN_PROMPTS[-1]).logits) for e in (one, sharded)]
+    assert np.abs(logits[0] - logits[1]).max() < 1e-4
+    assert _greedy(sharded, n_new=8) == _greedy(one, n_new=8)
+
+
 @pytest.mark.slow
 def test_weight_gathered_prefill_with_2d_decode(base, reference):
     llm = base.relayout(mesh_shape=MESH, prefill_layout="weight_gathered_xyz", decode_layout="2d_weight_stationary",
@@ -124,9 +144,10 @@ def test_weights_and_cache_carry_their_layout(base):
     xyz = ("x", "y", "z")
     expected = {  # layout -> (gate [D,F], down [F,D], q [D,9,64], embed [V,D], cache [B,S,3,64])
         "1d_weight_stationary": (P(None, xyz), P(xyz, None), P(None, None, None), P(xyz, None), P(xyz, None, None, None)),
-        "2d_weight_stationary": (P("x", ("y", "z")), P(("y", "z"), "x"), P("x", None, None), P(("y", "z"), "x"),
+        # F stored z-major (layouts.F_AXES), so that a gather over y leaves contiguous F_z blocks
+        "2d_weight_stationary": (P("x", ("z", "y")), P(("z", "y"), "x"), P("x", None, None), P(("z", "y"), "x"),
                                  P(xyz, None, None, None)),
-        "weight_gathered_xy": (P("x", ("y", "z")), P(("y", "z"), "x"), P("x", None, None), P(("y", "z"), "x"),
+        "weight_gathered_xy": (P("x", ("z", "y")), P(("z", "y"), "x"), P("x", None, None), P(("z", "y"), "x"),
                                P(xyz, None, None, None)),
         "replicated": (P(None, None), P(None, None), P(None, None, None), P(None, None), P(None, None, None, None)),
     }
