@@ -14,6 +14,7 @@ from shardlm.engine.llm import Placement
 from shardlm.models.config import ModelConfig
 from shardlm.models.llama import Llama
 from shardlm.sharding.collectives import compiled_collectives, per_layer
+from shardlm.sharding import planner
 from shardlm.sharding.layouts import LAYOUTS
 
 MESH = {"x": 2, "y": 2, "z": 2}
@@ -64,8 +65,8 @@ def test_layout_gives_unsharded_tokens(base, reference, layout):
 
     At batch 1 a weight-gathered decode runs as 2D (Layout.effective) while its prefill is truly
     weight-gathered (the prompt's positions split). Its truly weight-gathered decode (batch 8) runs on
-    the random model of test_weight_gathered_decode_gives_unsharded_tokens: on SmolLM2, XLA:CPU's
-    all-gathers of every weight take ~2 s a step (the layouts notebook runs it for 8 steps).
+    the random model of test_grouped_query_layouts_at_batch_8: on SmolLM2, XLA:CPU's all-gathers of
+    every weight take ~2 s a step (the layouts notebook runs it on SmolLM2 for a few steps).
     """
     llm = base.relayout(mesh_shape=MESH, layout=layout, batch_size=1)
     assert llm.layouts[0] == layout
@@ -88,35 +89,40 @@ def _greedy(engine, n_new=32):
     return [r.token_ids for r in batching.run(engine, engine.params, requests)]
 
 
-@pytest.mark.parametrize("layout", ["weight_gathered_x", "weight_gathered_xy", "weight_gathered_xyz"])
-def test_weight_gathered_decode_gives_unsharded_tokens(layout):
-    """8 mixed-length prompts x 32 tokens at batch 8, decode truly weight-gathered, vs one device."""
-    model = Llama(CFG, rngs=nnx.Rngs(1))
-    reference = _greedy(Placement.make(CFG, batch_size=8).engine(model, batch_size=8, max_seq_len=64))
-    placement = Placement.make(CFG, mesh_shape=MESH, layout=layout, batch_size=8)
-    assert (placement.prefill_layout, placement.decode_layout) == (layout, layout)
-    assert _greedy(placement.engine(model, batch_size=8, max_seq_len=64)) == reference
+def _random_model(cfg, seed):
+    """A random model whose q/k/v biases are random too (they start at zero), so that any
+    misalignment between a query head, its kv head and its bias changes the output."""
+    model = Llama(cfg, rngs=nnx.Rngs(seed))
+    if cfg.qkv_bias:
+        keys = iter(jax.random.split(jax.random.key(seed), 3 * cfg.n_layers))
+        for block in model.layers:
+            for name in ("q_bias", "k_bias", "v_bias"):
+                bias = getattr(block.attn, name)
+                bias[...] = jax.random.normal(next(keys), bias.shape)
+    return model
+
+
+def _equal_to_one_device(cfg, model, mesh, layout, batch):
+    """Prefill logits within 1e-4 and greedy tokens of 8 mixed-length prompts x 32 identical."""
+    one = Placement.make(cfg, batch_size=batch).engine(model, batch_size=batch, max_seq_len=64)
+    placement = Placement.make(cfg, mesh_shape=mesh, layout=layout, batch_size=batch)
+    sharded = placement.engine(model, batch_size=batch, max_seq_len=64)
+    logits = [np.asarray(e.prefill(e.params, TOKEN_PROMPTS[-1]).logits) for e in (one, sharded)]
+    assert np.abs(logits[0] - logits[1]).max() < 1e-4
+    reference = _greedy(one)
+    assert _greedy(sharded) == reference
     assert len({tuple(t) for t in reference}) > 1  # the prompts lead to different continuations
+    return placement
 
 
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "replicated"])
-def test_grouped_query_heads_split_unevenly(layout):
-    """2 kv heads for 8 query heads: kv heads split over fewer mesh axes than query heads (partial
-    replication), with random q/k/v biases, so any misalignment between a query head, its kv head
-    and its bias shows. Prefill logits and batch-8 greedy tokens vs one device."""
+def test_grouped_query_layouts_at_batch_8(layout):
+    """Batch 8, so weight-gathered decode runs truly weight-gathered (on SmolLM2, XLA:CPU's weight
+    all-gathers take ~2 s a step; the layouts notebook runs them for a few steps). 2 kv heads for 8
+    query heads: kv heads are split over fewer mesh axes than query heads (partial replication)."""
     cfg = CFG.replace(n_kv_heads=2, qkv_bias=True)
-    model = Llama(cfg, rngs=nnx.Rngs(2))
-    keys = iter(jax.random.split(jax.random.key(3), 3 * cfg.n_layers))
-    for block in model.layers:
-        for name in ("q_bias", "k_bias", "v_bias"):
-            bias = getattr(block.attn, name)
-            bias[...] = jax.random.normal(next(keys), bias.shape)
-    one = Placement.make(cfg, batch_size=8).engine(model, batch_size=8, max_seq_len=64)
-    sharded = Placement.make(cfg, mesh_shape=MESH, layout=layout, batch_size=8).engine(model, batch_size=8,
-                                                                                         max_seq_len=64)
-    logits = [np.asarray(e.prefill(e.params, TOKEN_PROMPTS[-1]).logits) for e in (one, sharded)]
-    assert np.abs(logits[0] - logits[1]).max() < 1e-4
-    assert _greedy(sharded, n_new=8) == _greedy(one, n_new=8)
+    placement = _equal_to_one_device(cfg, _random_model(cfg, 2), MESH, layout, batch=8)
+    assert (placement.prefill_layout, placement.decode_layout) == (layout, layout)
 
 
 @pytest.mark.slow
@@ -127,12 +133,15 @@ def test_weight_gathered_prefill_with_2d_decode(base, reference):
     _check_equal(llm, reference, 4)
 
 
-@pytest.mark.slow
+# SmolLM2's awkward head counts (9 query, 3 kv heads) on a random 2-layer model: compiles in seconds.
+ODD_HEADS = ModelConfig("odd-heads", vocab_size=512, d_model=576, n_layers=2, n_heads=9, n_kv_heads=3, head_dim=64,
+                        d_ff=1536, max_seq_len=256)
+
+
 @pytest.mark.parametrize("mesh,layout", [({"x": 8}, "1d_weight_stationary"), ({"x": 2, "y": 4}, "2d_weight_stationary"),
                                          ({"x": 4, "y": 2}, "2d_weight_stationary"), ({"z": 8}, "1d_weight_stationary")])
-def test_other_mesh_shapes(base, reference, mesh, layout):
-    llm = base.relayout(mesh_shape=mesh, layout=layout, batch_size=4)
-    _check_equal(llm, reference, 4)
+def test_other_mesh_shapes(mesh, layout):
+    _equal_to_one_device(ODD_HEADS, _random_model(ODD_HEADS, 4), mesh, layout, batch=4)
 
 
 def _spec(array):
@@ -211,13 +220,22 @@ def _pope_mlp(layout, tokens, E, F, f32=4):
 
 @pytest.mark.parametrize("layout", ["1d_weight_stationary", "2d_weight_stationary", "weight_gathered_x",
                                     "weight_gathered_xy", "weight_gathered_xyz"])
-@pytest.mark.parametrize("phase", ["decode", "prefill"])
-def test_compiled_collectives_match_pope(layout, phase):
+def test_compiled_collectives_match_pope_and_planner(layout):
+    """Per layer, decode (batch 8 x 1) and prefill (1 x 32 positions): the feed-forward collectives
+    equal Pope et al.'s data flow, and the feed-forward and attention ones the planner's prediction."""
     engine = _engine(CFG, layout)
-    tokens = 8 if phase == "decode" else engine.buckets[0]  # decode: batch 8 x 1; prefill: 1 x 32 positions
-    got = {kind: sizes for (block, kind), sizes in per_layer(compiled_collectives(engine, phase)).items()
-           if block == "mlp"}
-    assert got == _pope_mlp(layout, tokens, CFG.d_model, CFG.d_ff)
+    for phase, batch, seq in (("decode", 8, 1), ("prefill", 1, engine.buckets[0])):
+        compiled = per_layer(compiled_collectives(engine, phase))
+        mlp = {kind: sizes for (block, kind), sizes in compiled.items() if block == "mlp"}
+        assert mlp == _pope_mlp(layout, batch * seq, CFG.d_model, CFG.d_ff), phase
+        est = planner.estimate(CFG, "tpu-v4", MESH, phase, batch, seq, layout, "heads", weight_bytes=4, act_bytes=4)
+        for block in ("mlp", "attention"):
+            want = {}
+            for c in est.layer_collectives:
+                if c.block == block:
+                    want.setdefault(c.kind, []).append(c.operand_bytes)
+            got = {kind: sizes for (b, kind), sizes in compiled.items() if b == block}
+            assert got == {k: sorted(v) for k, v in want.items()}, (phase, block)
 
 
 def test_multiquery_decode_uses_batch_sharded_cache_and_all_to_all():
