@@ -64,8 +64,9 @@ def parse(hlo_text: str) -> list[Collective]:
     return out
 
 
-def compiled_collectives(engine, phase: str = "decode") -> list[Collective]:
-    """Compile one step of `engine` ("decode" or "prefill" at the smallest bucket) and list its collectives."""
+def compiled_collectives(engine, phase: str = "decode", bucket: int | None = None) -> list[Collective]:
+    """Compile one step of `engine` ("decode", or "prefill" at `bucket` positions, default the
+    smallest bucket) and list its collectives. The engine's own calls reuse the compiled step."""
     from shardlm.engine.engine import _sampling_arrays
     from shardlm.engine.sampling import SamplingParams
     from shardlm.sharding.rules import use_rules
@@ -75,7 +76,7 @@ def compiled_collectives(engine, phase: str = "decode") -> list[Collective]:
             state = engine.init_decode_state()
             text = engine._generate.lower(engine.params, state).compile().as_text()
     elif phase == "prefill":
-        tokens = np.zeros((1, engine.buckets[0]), np.int32)
+        tokens = np.zeros((1, bucket or engine.buckets[0]), np.int32)
         with use_rules(engine.mesh, engine.prefill_rules):
             text = engine._prefill.lower(engine.params, tokens, np.int32(1), *_sampling_arrays(SamplingParams())).compile().as_text()
     else:

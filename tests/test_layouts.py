@@ -18,9 +18,10 @@ from shardlm.sharding import planner
 from shardlm.sharding.layouts import LAYOUTS
 
 MESH = {"x": 2, "y": 2, "z": 2}
-PROMPTS = ["What is the capital of France?", "Hi", "Tell me a story about a dragon who learned to fly.",
-           "1 2 3 4", "Name a colour.", "Why is the sky blue? Answer briefly, please, in one line.", "Bonjour",
-           "List three prime numbers between ten and thirty."]
+# Chat prompts of 34-45 tokens: mixed lengths in one prefill bucket (one prefill compile per layout).
+PROMPTS = ["What is the capital of France?", "Hi, who are you?", "Tell me a story about a dragon who learned to fly.",
+           "1 2 3 4", "Name a colour.", "Why is the sky blue? Answer briefly, please, in one line.",
+           "Bonjour, comment allez-vous ?", "List three prime numbers between ten and thirty."]
 NEW = SamplingParams(max_new_tokens=32, ignore_eos=True)
 LOGIT_TOL = 1e-3  # float32 logits of one prompt, sharded vs one device (reduction order differs)
 
