@@ -4,7 +4,9 @@ Notation as in the paper: `E_x F_yz` is a weight whose E (d_model) dimension is 
 axis x and F (d_ff) over y and z. Stored, F is split z-major (PartitionSpec entry ("z", "y")) so
 that all-gathering it over y (weight_gathered_xy) leaves each device a contiguous block of F_z; with
 y major the gathered block would hold strided heads, and grouped-query attention would pair query
-heads with the wrong kv heads wherever kv heads are split over fewer axes than query heads. Weights keep one of two storage layouts, activations change (the projection blocks in blocks.py
+heads with the wrong kv heads wherever kv heads are split over fewer axes than query heads.
+
+Weights keep one of two storage layouts, activations change (the projection blocks in blocks.py
 derive each block's collectives from the weight storage and the residual layout):
 
 - 1d_weight_stationary: W_in E F_xyz, W_out F_xyz E; heads like F. The residual stream is BLE_xyz:
