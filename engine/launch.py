@@ -9,6 +9,7 @@ without it) and the launcher exits non-zero naming the lost process.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import socket
@@ -54,7 +55,7 @@ def _how_it_ended(code: int) -> str:
     return f"exited with code {code}"
 
 
-def launch(num_processes: int, devices_per_process: int, command: list[str], *, poll_s: float = 0.1) -> int:
+def launch(num_processes: int, devices_per_process: int, command: list[str]) -> int:
     """Run `shardlm <command>` in `num_processes` local processes; 0 when all succeed."""
     if num_processes < 1:
         raise ValueError(f"--num-processes must be >= 1, got {num_processes}")
@@ -82,17 +83,20 @@ def launch(num_processes: int, devices_per_process: int, command: list[str], *, 
                 t = threading.Thread(target=_forward, args=(stream, f"[{i}] ", dest), daemon=True)
                 t.start()
                 threads.append(t)
-        while True:
-            codes = [p.poll() for p in procs]
-            lost = next((i for i, c in enumerate(codes) if c not in (None, 0)), None)
-            if lost is not None:
-                others = [p for p in procs if p.poll() is None]
-                print(f"launch: process {lost} (pid {procs[lost].pid}) {_how_it_ended(codes[lost])}; "
-                      f"stopping the other {len(others)} process(es)", file=sys.stderr, flush=True)
-                return codes[lost] if codes[lost] > 0 else 1
-            if all(c == 0 for c in codes):
-                return 0
-            time.sleep(poll_s)
+        # One waiter per process reports its end the moment it happens, so the process that died
+        # first is the one named, not a peer that aborted a moment later when its collectives broke.
+        ended = queue.SimpleQueue()
+        for i, p in enumerate(procs):
+            threading.Thread(target=lambda i=i, p=p: (p.wait(), ended.put(i)), daemon=True).start()
+        for _ in procs:
+            i = ended.get()
+            code = procs[i].returncode
+            if code != 0:
+                running = sum(p.returncode is None for p in procs)
+                print(f"launch: process {i} (pid {procs[i].pid}) {_how_it_ended(code)}; "
+                      f"stopping the other {running} process(es)", file=sys.stderr, flush=True)
+                return code if code > 0 else 1
+        return 0
     finally:
         _stop(procs)
         for t in threads:

@@ -276,7 +276,9 @@ def test_killed_process_stops_job_and_rerun_completes(tiny, job, launcher_env, t
     reader.join(timeout=5)
     text = "".join(stderr)
     assert rc != 0
-    assert re.search(rf"launch: process 0 \(pid {pid}\) was killed by SIGKILL; stopping the other 1 process", text), text[-2000:]
+    # The survivor may abort on its own (its collectives break) before the launcher stops it.
+    assert re.search(rf"launch: process 0 \(pid {pid}\) was killed by SIGKILL; stopping the other [01] process", text), \
+        text[-2000:]
     partial = read_records(output)  # whole lines only
     assert BAD_LINES + 2 <= len(partial) < N_PROMPTS + BAD_LINES, "the kill came after the job ended"
     rerun = subprocess.run(launch_argv(tiny, job, output), env=launcher_env, capture_output=True, text=True,
