@@ -53,10 +53,12 @@ STATE_AXES = {"tokens": ("batch",), "seeds": ("batch",), "temperature": ("batch"
 
 
 def prefill_buckets(max_seq_len: int, smallest: int = 32) -> tuple[int, ...]:
-    """Powers of two from `smallest`, ending with max_seq_len itself."""
+    """Powers of two from `smallest` and 1.5x each between (32, 48, 64, 96, ...), ending with
+    max_seq_len itself: a prompt is padded by at most a third, not a half, for twice the
+    (lazily compiled) prefill shapes. Every bucket stays a multiple of smallest / 2."""
     buckets, b = [], smallest
     while b < max_seq_len:
-        buckets.append(b)
+        buckets += [n for n in (b, b * 3 // 2) if n < max_seq_len]
         b *= 2
     return tuple(buckets) + (max_seq_len,)
 

@@ -86,7 +86,7 @@ def write_tiny_gguf(path: str, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, 
 
 
 def job_lines() -> list[str]:
-    """20 prompts of 3 to ~60 tokens (two length buckets), some as chat messages, some with their own
+    """20 prompts of 3 to ~60 tokens (several length buckets), some as chat messages, some with their own
     max_new_tokens, then one line of each kind of mistake."""
     lines = []
     for i in range(N_PROMPTS):
