@@ -67,8 +67,8 @@ def read_metadata(path: str) -> dict:
 
 def save_tokenizer(tokenizer, folder: str) -> None:
     """A Tokenizer (e.g. built from GGUF metadata) as tokenizer.json + tokenizer_config.json."""
-    tokenizer._tok.save(os.path.join(folder, "tokenizer.json"))
-    text = tokenizer._token_text
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    text = tokenizer.token_text
     config = {"bos_token": text(tokenizer.bos_token_id), "eos_token": text(tokenizer.eos_token_id),
               "add_bos_token": tokenizer.add_bos, "chat_template": tokenizer.chat_template}
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
@@ -137,12 +137,11 @@ def save(dst: str, model: nnx.Module, config: ModelConfig, *, tokenizer=None, to
     return dst
 
 
-def restore(path: str, abstract: nnx.Module, sharding_for: Callable[[tuple, tuple], jax.sharding.Sharding],
-            progress=None) -> nnx.Module:
-    """The checkpoint's parameters in the structure, dtypes and shardings of `abstract`.
+def restore(path: str, abstract: nnx.Module, placement, progress=None) -> nnx.Module:
+    """The checkpoint's parameters in the structure and dtypes of `abstract`, on `placement`.
 
-    Each array is read by Orbax straight into its shards (`sharding_for(axes, shape)`); dtypes that
-    differ from the saved ones are cast on restore.
+    Each array is read by Orbax straight into its shards (`placement.param_sharding(axes, shape,
+    path)`, a sharding.placement.Placement); dtypes that differ from the saved ones are cast on restore.
     """
     saved = read_metadata(path)["params"]
     graphdef, state = nnx.split(abstract)
@@ -155,7 +154,7 @@ def restore(path: str, abstract: nnx.Module, sharding_for: Callable[[tuple, tupl
         if tuple(saved[name]["shape"]) != tuple(var.shape):
             raise CheckpointError(f"{path}: parameter {name!r} has shape {saved[name]['shape']}, "
                                   f"the model expects {list(var.shape)}")
-        sharding = sharding_for(var.get_metadata().get("axes"), var.shape)
+        sharding = placement.param_sharding(var.get_metadata().get("axes"), var.shape, p)
         targets[name] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
     # A few parameters at a time (partial restores of ~64 MB): one restore of everything held its
     # buffers until the end, +40-60% of the model on top of the arrays (benchmarks/load_memory.py).

@@ -100,8 +100,13 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def _token_text(self, token_id: int | None) -> str | None:
+    def token_text(self, token_id: int | None) -> str | None:
+        """The text of one token, special tokens included (None for None)."""
         return None if token_id is None else self._tok.decode([token_id], skip_special_tokens=False)
+
+    def save(self, path: str) -> None:
+        """Write the tokenizer as a tokenizer.json file."""
+        self._tok.save(path)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages`, rendered as HF transformers renders it."""
@@ -114,8 +119,8 @@ class Tokenizer:
             tools=None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
-            bos_token=self._token_text(self.bos_token_id),
-            eos_token=self._token_text(self.eos_token_id),
+            bos_token=self.token_text(self.bos_token_id),
+            eos_token=self.token_text(self.eos_token_id),
         )
 
 

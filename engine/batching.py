@@ -1,8 +1,10 @@
 """Continuous batching: keep every decode slot busy, refilling finished slots from the queue.
 
 Works on anything with the engine contract (prefill / insert / generate / init_decode_state,
-`batch_size`, `max_seq_len`), so the loop is tested against the arithmetic MockEngine in
-milliseconds.
+`bucket`, `batch_size`, `max_seq_len`), so the loop is tested against the arithmetic MockEngine in
+milliseconds. Requests are admitted in the order of their prefill bucket (stable, so equal buckets
+keep the caller's order): each prefill shape is compiled once, early, and every process of a
+multi-host job admits the same requests at the same step.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
     `on_step(n_tokens)` each decode step."""
     requests = list(requests)
     results = [Result(r.key, list(r.prompt_ids)) for r in requests]
-    queue = collections.deque(range(len(requests)))
+    queue = collections.deque(sorted(range(len(requests)), key=lambda i: engine.bucket(len(requests[i].prompt_ids))))
     slots: list[int | None] = [None] * engine.batch_size
     state = engine.init_decode_state()
 

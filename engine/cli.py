@@ -85,15 +85,15 @@ def cmd_generate(args) -> int:
     if any(not p for p in args.prompts):
         raise ValueError("prompt is empty: give some text")
     llm = _load_llm(args)
-    for p in args.prompts:  # validate every prompt before any work
-        llm.encode(p, chat=args.chat)
+    from shardlm.engine.llm import completion_record
+
+    # Every prompt encoded and checked once, before any work.
+    requests = [llm.request(p, sampling, chat=args.chat, key=i) for i, p in enumerate(args.prompts)]
     _status("compiling and generating ...")
-    completions = llm.generate(args.prompts, sampling, chat=args.chat)
+    completions = llm.run(requests)
     for prompt, c in zip(args.prompts, completions):
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
-                              "finish_reason": c.finish_reason, "prompt_tokens": len(c.prompt_token_ids),
-                              "completion_tokens": len(c.token_ids)}), flush=True)
+            print(json.dumps({"prompt": prompt, **completion_record(c)}), flush=True)
         else:
             print(c.text if len(args.prompts) == 1 else f"[{prompt}] {c.text}", flush=True)
     return 0
@@ -194,19 +194,20 @@ def pipeline_text(args) -> str:
     from shardlm.sharding import pipeline
     from shardlm.sharding.mesh import parse_mesh
 
-    lines = ["\npipeline (mesh axis stage=N): the layers split evenly into N stages (an uneven split is "
-             "rejected), each stage's devices hold only its layers and their KV cache and run any layout above; "
+    lines = ["\npipeline (mesh axis stage=N): the layers split into N stages (L layers: the first L mod N stages "
+             "take one more), each stage's devices hold only its layers and their KV cache and run any layout above; "
              "a step's tokens go through in M microbatches (decode: rows, prefill: chunks of positions), so a "
              "step takes M + N - 1 ticks: bubble fraction (N - 1) / (M + N - 1); between stages pass "
              "(N - 1) x B x T x D activation bytes per step"]
     stages = pipeline.stages_in(parse_mesh(args.mesh) if args.mesh else None)
     if stages > 1:
         config = preset(args.model)
-        pipeline.check_stages(config.n_layers, stages)
+        sizes = pipeline.stage_sizes(config.n_layers, stages)
         if args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
         M = pipeline.microbatches_for(args.batch, args.microbatches or stages)
-        lines.append(f"  {config.name}, {stages} stages of {config.n_layers // stages} layers, decode batch "
+        per_stage = f"{sizes[0]}" if len(set(sizes)) == 1 else f"{max(sizes)} or {min(sizes)}"
+        lines.append(f"  {config.name}, {stages} stages of {per_stage} layers, decode batch "
                      f"{args.batch} in {M} microbatches: bubble {pipeline.bubble_fraction(stages, M):.0%}, "
                      f"{pipeline.stage_transfer_bytes(args.batch, 1, config.d_model, 2, stages):,.0f} bytes "
                      f"(bf16) between stages per decode step")
@@ -228,7 +229,7 @@ def _plan_pipeline(args, config, mesh: dict[str, int]) -> int:
             continue
         first = ranked[0]
         print(f"{config.name} {phase}: {args.chips} x {args.chip}, mesh {args.mesh}, batch {args.batch}, context "
-              f"{context}: {first.stages} stages x {config.n_layers // first.stages} layers, {first.microbatches} "
+              f"{context}: {first.stages} stages of up to {-(-config.n_layers // first.stages)} layers, {first.microbatches} "
               f"microbatches, bubble {first.bubble_fraction:.0%} (step = (M + stages - 1) ticks)")
         print(f"  {'layout':22} {'attn':5} {'step ms':>10} {'tick ms':>9} {'stage bytes':>12} {'GiB/chip':>8}")
         for e in ranked:
@@ -252,7 +253,7 @@ def cmd_plan(args) -> int:
     if args.mesh and pipeline.stages_in(parse_mesh(args.mesh)) > 1:
         return _plan_pipeline(args, config, parse_mesh(args.mesh))
     mesh = parse_mesh(args.mesh) if args.mesh else planner.default_mesh(args.chips)
-    mesh = planner._check_mesh(mesh, args.chips)
+    mesh = planner.check_mesh(mesh, args.chips)
     wb = {"int8": 1, "bf16": 2, "bfloat16": 2}[args.weights]
     context = args.context or min(config.max_seq_len, 2048)
     out = {}

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from shardlm.engine import batching
+from shardlm.engine.llm import completion_record
 from shardlm.engine.sampling import SamplingParams
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "stop_token_ids")
@@ -100,8 +101,7 @@ def _check_same_input(lines: list[str]) -> None:
 class Line:
     number: int  # 1-based line number in the input file
     id: object = None
-    prompt_ids: list[int] | None = None
-    sampling: SamplingParams | None = None
+    request: batching.Request | None = None  # the prompt encoded once, with its sampling; key: this Line
     error: str | None = None
 
     @property
@@ -140,30 +140,19 @@ def parse_line(number: int, text: str, llm, defaults: SamplingParams, chat: bool
         line.error = f"unknown fields {unknown}; allowed: {', '.join(_KNOWN_FIELDS)}"
         return line
     try:
-        line.sampling = dataclasses.replace(defaults, **{k: obj[k] for k in SAMPLING_FIELDS if k in obj})
+        sampling = dataclasses.replace(defaults, **{k: obj[k] for k in SAMPLING_FIELDS if k in obj})
         if ("prompt" in obj) == ("messages" in obj):
             raise ValueError("give exactly one of \"prompt\" (text) and \"messages\" (chat turns)")
-        if "prompt" in obj:
-            if not isinstance(obj["prompt"], str):
-                raise ValueError("\"prompt\" must be a string")
-            line.prompt_ids = llm.encode(obj["prompt"], chat=chat)
-        else:
-            line.prompt_ids = _encode_messages(llm, obj["messages"])
+        if "prompt" in obj and not isinstance(obj["prompt"], str):
+            raise ValueError("\"prompt\" must be a string")
+        if "messages" in obj and not (isinstance(obj["messages"], list) and obj["messages"]
+                                      and all(isinstance(m, dict) for m in obj["messages"])):
+            raise ValueError("\"messages\" must be a non-empty list of {\"role\": str, \"content\": str}")
+        prompt = obj["prompt"] if "prompt" in obj else obj["messages"]
+        line.request = llm.request(prompt, sampling, chat=chat and "prompt" in obj, key=line)
     except (ValueError, TypeError) as e:
         line.error = str(e)
     return line
-
-
-def _encode_messages(llm, messages) -> list[int]:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
-    if not ok:
-        raise ValueError("\"messages\" must be a non-empty list of {\"role\": str, \"content\": str}")
-    if llm.tokenizer is None:
-        raise ValueError("this model has no tokenizer, so \"messages\" cannot be rendered")
-    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages))
-    llm.engine.check_prompt(ids)
-    return ids
 
 
 def parse_input(lines: list[str], llm, defaults: SamplingParams, chat: bool = False) -> list[Line]:
@@ -176,7 +165,7 @@ def parse_input(lines: list[str], llm, defaults: SamplingParams, chat: bool = Fa
         if line.id is not None:
             if line.key in first:
                 line.error = f"duplicate id {line.key} (first on line {first[line.key]})"
-                line.prompt_ids = None
+                line.request = None
             else:
                 first[line.key] = number
         parsed.append(line)
@@ -266,9 +255,7 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
     done = _lines_done(parsed, output_path)
     pending = [line for line, d in zip(parsed, done) if not d]
     bad = [line for line in pending if line.error]
-    # Prompts of one length bucket run together, so each prefill shape is compiled once, early.
-    todo = sorted((line for line in pending if not line.error), key=lambda l: llm.engine.bucket(len(l.prompt_ids)))
-    requests = [batching.Request(line.prompt_ids, line.sampling, llm.stop_token_ids, key=line) for line in todo]
+    requests = [line.request for line in pending if not line.error]
 
     out = Appender(output_path) if writer else None
     bar = _progress_bar(len(requests), enabled=writer and progress)
@@ -280,13 +267,10 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
         if bar is not None:
             bar.set_postfix_str(f"{stats['generated'] / (time.perf_counter() - t0):.1f} tok/s", refresh=False)
 
-    def on_result(result: batching.Result) -> None:
-        line = result.key
-        stats["prompt_tokens"] += len(result.prompt_ids)
+    def on_result(line: Line, completion) -> None:
+        stats["prompt_tokens"] += len(completion.prompt_token_ids)
         if out is not None:
-            out.write({"id": line.id, "text": llm.decode(result.token_ids), "token_ids": result.token_ids,
-                       "finish_reason": result.finish_reason, "prompt_tokens": len(result.prompt_ids),
-                       "completion_tokens": len(result.token_ids)})
+            out.write({"id": line.id, **completion_record(completion)})
         if bar is not None:
             bar.update(1)
 
@@ -294,17 +278,17 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
         if out is not None:
             for line in bad:
                 out.write({"id": line.id, "line": line.number, "error": line.error})
-        results = batching.run(llm.engine, llm.params, requests, on_result=on_result, on_step=on_step) if requests else []
+        completions = llm.run(requests, on_result=on_result, on_step=on_step) if requests else []
     finally:
         if bar is not None:
             bar.close()
         if out is not None:
             out.close()
     wall = time.perf_counter() - t0
-    completion_tokens = sum(len(r.token_ids) for r in results)
-    return {"prompts": len(results), "errors": len(bad), "skipped": int(done.sum()),
+    completion_tokens = sum(len(c.token_ids) for c in completions)
+    return {"prompts": len(completions), "errors": len(bad), "skipped": int(done.sum()),
             "prompt_tokens": stats["prompt_tokens"], "completion_tokens": completion_tokens, "wall_s": wall,
-            "completions_per_s": len(results) / wall if wall > 0 else 0.0,
+            "completions_per_s": len(completions) / wall if wall > 0 else 0.0,
             "tokens_per_s": completion_tokens / wall if wall > 0 else 0.0}
 
 

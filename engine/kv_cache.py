@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-# Logical axes of the cache arrays (sharding/ maps them to mesh axes per layout).
-KV_AXES = ("attn_batch", "cache_seq", "attn_kv_heads", "head_dim")
+from shardlm.sharding.rules import KV_CACHE_AXES as KV_AXES  # logical axes of one layer's [B, S, K, H]
+
 LENGTHS_AXES = ("batch",)
 
 

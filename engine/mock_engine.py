@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shardlm.engine.engine import prefill_buckets
 from shardlm.engine.sampling import SamplingParams
 
 
@@ -40,6 +41,10 @@ class MockEngine:
             pos += 1
             token = (token * 3 + pos) % vocab_size
         return out
+
+    def bucket(self, length: int) -> int:
+        """The prefill bucket of a prompt (admission order), as engine.Engine's."""
+        return next(b for b in prefill_buckets(self.max_seq_len) if length <= b)
 
     def init_decode_state(self) -> MockState:
         return MockState(np.zeros(self.batch_size, np.int64), np.zeros(self.batch_size, np.int64))

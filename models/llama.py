@@ -27,7 +27,7 @@ from flax import nnx
 from shardlm.models import quant
 from shardlm.models.config import ModelConfig
 from shardlm.sharding.blocks import project_in, project_out
-from shardlm.sharding.rules import gather_weight, shard
+from shardlm.sharding.rules import KV_CACHE_AXES, gather_weight, shard
 
 
 def _axes(var: nnx.Param) -> tuple[str, ...]:
@@ -138,7 +138,7 @@ class Attention(nnx.Module):
         # Write the new keys/values at their positions (contiguous per row, starting at
         # positions[:, 0]); a per-row update that the partitioner keeps local under batch sharding.
         write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (p, 0, 0)))
-        cache_axes = ("attn_batch", "cache_seq", "attn_kv_heads", "head_dim")
+        cache_axes = KV_CACHE_AXES
         # An int8 cache is a pair (int8 [B,S,K,H], scale [B,S,K,1]): one scale per token and head.
         int8_kv = isinstance(k_cache, tuple)
         new_k, new_v = (quant.quantize_kv(k), quant.quantize_kv(v)) if int8_kv else (k, v)
@@ -206,18 +206,25 @@ class Llama(nnx.Module):
             _add_weight(self, "lm_head", _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype,
                                                 cfg.d_model**-0.5), quantize)
 
-    def __call__(self, tokens, positions, cache, logits_index=None):
-        """tokens, positions [B,T] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B]), cache."""
+    def __call__(self, tokens, positions, cache, logits_index=None, layers=None):
+        """tokens, positions [B,T] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B]), cache.
+
+        The forward in three parts: `embed_tokens`, the layers, `head`. `layers(x, positions, cache)
+        -> (x, cache)` runs the layers another way (pipeline stages, sharding/pipeline.py);
+        default `run_layers`, one module per layer."""
         x = self.embed_tokens(tokens)
+        x, cache = (layers or self.run_layers)(x, positions, cache)
+        return self.head(x, logits_index), cache
+
+    def run_layers(self, x, positions, cache):
+        """residual [B,T,D] through every layer, each reading and writing its cache.k[i], cache.v[i]."""
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 x, k, v = layer(x, positions, cache.k[i], cache.v[i])
             ks.append(k)
             vs.append(v)
-        return self.head(x, logits_index), cache.replace(k=ks, v=vs)
-
-    # The forward in three parts, so that a pipeline (sharding/pipeline.py) runs the layers its own way.
+        return x, cache.replace(k=ks, v=vs)
 
     def embed_tokens(self, tokens):
         """tokens [B,T] -> residual [B,T,D]."""

@@ -84,7 +84,7 @@ def project_in(x, ws, w_axes, scales=None):
     """x [B,T,E] (residual layout) times each weight [E, F, ...] -> list of [B,T,F,...].
 
     scales: per weight None, or the [F, ...] scale of an int8 weight."""
-    active = _rules._ACTIVE.get()
+    active = _rules.active()
     scales = list(scales) if scales is not None else [None] * len(ws)
     letters = "fgh"[: ws[0].ndim - 1]
     eq = f"btd,d{letters}->bt{letters}"
@@ -129,7 +129,7 @@ def project_out(h, w, w_axes, scale=None):
     """h [B,T,F,...] times the weight [F, ..., E] -> [B,T,E] in the residual layout.
 
     scale: None, or the [E] scale of an int8 weight."""
-    active = _rules._ACTIVE.get()
+    active = _rules.active()
     def matmul(h, w, scale=None):  # contract the F dims flattened into one (XLA:CPU is ~8x slower on two)
         return _scaled_matmul("btf,fd->btd", h.reshape(*h.shape[:2], -1), w.reshape(-1, w.shape[-1]), scale)
 

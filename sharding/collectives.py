@@ -65,23 +65,9 @@ def parse(hlo_text: str) -> list[Collective]:
 
 
 def compiled_collectives(engine, phase: str = "decode", bucket: int | None = None) -> list[Collective]:
-    """Compile one step of `engine` ("decode", or "prefill" at `bucket` positions, default the
-    smallest bucket) and list its collectives. The engine's own calls reuse the compiled step."""
-    from shardlm.engine.engine import _sampling_arrays
-    from shardlm.engine.sampling import SamplingParams
-    from shardlm.sharding.rules import use_rules
-
-    if phase == "decode":
-        with use_rules(engine.mesh, engine.decode_rules):
-            state = engine.init_decode_state()
-            text = engine._generate.lower(engine.params, state).compile().as_text()
-    elif phase == "prefill":
-        tokens = np.zeros((1, bucket or engine.buckets[0]), np.int32)
-        with use_rules(engine.mesh, engine.prefill_rules):
-            text = engine._prefill.lower(engine.params, tokens, np.int32(1), *_sampling_arrays(SamplingParams())).compile().as_text()
-    else:
-        raise ValueError(f"phase must be decode or prefill, got {phase!r}")
-    return parse(text)
+    """The collectives of one compiled step of `engine` (anything with `compiled_text(phase, bucket)`,
+    such as engine.Engine): "decode", or "prefill" at `bucket` positions (default the smallest)."""
+    return parse(engine.compiled_text(phase, bucket))
 
 
 def per_layer(collectives: list[Collective], layer: int = 0) -> dict[tuple[str, str], list[int]]:

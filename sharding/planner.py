@@ -135,7 +135,7 @@ def default_mesh(n_chips: int) -> dict[str, int]:
     return dict(zip(XYZ, best_shape))
 
 
-def _check_mesh(mesh_shape: dict[str, int], n_chips: int | None = None) -> dict[str, int]:
+def check_mesh(mesh_shape: dict[str, int], n_chips: int | None = None) -> dict[str, int]:
     bad = set(mesh_shape) - set(XYZ) - {"stage"}
     if bad:
         raise ValueError(f"unknown mesh axes {sorted(bad)}; allowed: x, y, z")
@@ -180,13 +180,9 @@ class _Ctx:
         return math.prod(self.mesh.shape[a] for a in axes)
 
     def axes(self, name: str, dim: int) -> tuple[str, ...]:
-        kept = []
-        for a in self.rules.mesh_axes(name):
-            if self.mesh.shape.get(a, 1) > 1 and dim % (self.size(kept) * self.mesh.shape[a]) == 0:
-                kept.append(a)
-            elif self.mesh.shape.get(a, 1) > 1:
-                break
-        return tuple(kept)
+        """The mesh axes that split a dimension of size `dim` named `name` (as rules.spec keeps them)."""
+        entry = self.rules.spec((name,), (dim,), self.mesh)[0]
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _weight_gathers(ctx, block, what, dims, wb) -> list[Coll]:
@@ -327,7 +323,7 @@ def estimate(config, chip, mesh_shape, phase, batch, context, layout, attention=
              kv_bytes=2, act_bytes=ACT_BYTES) -> Estimate:
     """One layout and attention sharding; see the module docstring for the model."""
     chip = get_chip(chip) if isinstance(chip, str) else chip
-    mesh_shape = _check_mesh(mesh_shape)
+    mesh_shape = check_mesh(mesh_shape)
     n = math.prod(mesh_shape.values())
     lay = get_layout(layout) if isinstance(layout, str) else layout
     seq = 1 if phase == "decode" else context
@@ -373,7 +369,7 @@ def estimate(config, chip, mesh_shape, phase, batch, context, layout, attention=
         collectives=kinds, layer_collectives=tuple(colls), padded_heads=N, mesh=dict(mesh_shape))
 
 
-def _check(config, phase, batch, context, weight_bytes, kv_bytes):
+def check_inputs(config, phase, batch, context, weight_bytes, kv_bytes):
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be prefill or decode, got {phase!r}")
     for name, v in (("batch", batch), ("context", context), ("weight_bytes", weight_bytes), ("kv_bytes", kv_bytes)):
@@ -381,13 +377,6 @@ def _check(config, phase, batch, context, weight_bytes, kv_bytes):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if context > config.max_seq_len:
         raise ValueError(f"context {context} exceeds {config.name}'s max_seq_len {config.max_seq_len}")
-
-
-def _splits(layout, mesh_shape, phase, batch, seq) -> bool:
-    """Whether a weight-gathered layout can split its tokens (else it would run as 2D)."""
-    axes = [a for a in layout.acts.get("tokens", ()) if mesh_shape[a] > 1]
-    k = math.prod(mesh_shape[a] for a in axes)
-    return batch % k == 0 or (phase == "prefill" and seq % k == 0)
 
 
 def plan(config, chip, mesh_shape, phase, batch, context, weight_bytes=2, kv_bytes=2, *, layouts=None,
@@ -399,8 +388,8 @@ def plan(config, chip, mesh_shape, phase, batch, context, weight_bytes=2, kv_byt
     "auto" (both where they apply). Names that cannot apply raise ValueError.
     """
     chip = get_chip(chip) if isinstance(chip, str) else chip
-    mesh_shape = default_mesh(mesh_shape) if isinstance(mesh_shape, int) else _check_mesh(mesh_shape)
-    _check(config, phase, batch, context, weight_bytes, kv_bytes)
+    mesh_shape = default_mesh(mesh_shape) if isinstance(mesh_shape, int) else check_mesh(mesh_shape)
+    check_inputs(config, phase, batch, context, weight_bytes, kv_bytes)
     if attention not in ("auto", "heads", "batch"):
         raise ValueError(f"attention must be auto, heads or batch, got {attention!r}")
     n = math.prod(mesh_shape.values())
@@ -413,7 +402,8 @@ def plan(config, chip, mesh_shape, phase, batch, context, weight_bytes=2, kv_byt
     out = []
     for name in layouts:
         lay = get_layout(name)
-        if lay.gathered and not _splits(lay, mesh_shape, phase, batch, seq):
+        abstract_mesh = types.SimpleNamespace(shape=mesh_shape)
+        if lay.gathered and lay.effective(abstract_mesh, phase, batch, seq) is not lay:
             if explicit:
                 raise ValueError(f"{name} cannot split batch {batch}{' or context ' + str(context) if phase == 'prefill' else ''} "
                                  f"over its gathered axes of mesh {mesh_shape}")
@@ -438,7 +428,7 @@ def best(config, chip, mesh_shape, phase, batch, context, weight_bytes=2, kv_byt
 
 def ffn_comm_bytes(d_model, d_ff, mesh_shape, layout, tokens, n_in=1, act_bytes=2, weight_bytes=2) -> float:
     """Cost bytes per chip of one feed-forward block's collectives (Fig. 3: n_in=1, no norm)."""
-    mesh_shape = _check_mesh(mesh_shape)
+    mesh_shape = check_mesh(mesh_shape)
     lay = get_layout(layout)
     ctx = _Ctx(lay, mesh_shape, "prefill", tokens, 1, 1, "heads")
     s = _Shape(d_model, d_ff, 1, 1, 2, n_in)

@@ -20,6 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Axes = Sequence[str | None]
 
+# Logical axes of one layer's KV cache array [B, S, K, H] (models write it, layouts split it).
+KV_CACHE_AXES = ("attn_batch", "cache_seq", "attn_kv_heads", "head_dim")
+
 
 @dataclass(frozen=True)
 class ShardingRules:
@@ -89,7 +92,9 @@ class ShardingRules:
         return NamedSharding(mesh, PartitionSpec(*(drop(e) for e in self.spec(axes, shape, mesh))))
 
 
-# The mesh and rules that `shard` applies while a step is traced (set by the engine around tracing).
+# The mesh and rules that `shard` applies while a step is traced. A step enters them inside its
+# traced function (engine/engine.py), so a compiled program always carries the rules it was traced
+# under; `active()` is how code below the step reads them.
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars.ContextVar("shardlm_rules", default=None)
 
 
@@ -100,6 +105,11 @@ def use_rules(mesh: Mesh | None, rules: ShardingRules | None):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active() -> tuple[Mesh, ShardingRules] | None:
+    """(mesh, rules) entered with `use_rules` around the code being traced, or None."""
+    return _ACTIVE.get()
 
 
 def gather_weight(w: jax.Array, axes: Axes) -> jax.Array:

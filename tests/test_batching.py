@@ -205,3 +205,15 @@ def test_identical_prompts_in_different_slots_get_identical_tokens():
     p = [42, 7]
     results = run(MockEngine(batch_size=3), None, requests([p] * 5, [6, 9, 2, 9, 6]))
     assert [r.token_ids for r in results] == [MockEngine.expected(p, n) for n in [6, 9, 2, 9, 6]]
+
+
+def test_admission_follows_the_prefill_bucket_and_keeps_order_within_one():
+    """Prompts of 40 tokens (bucket 48) wait behind those of 5 (bucket 32); equal buckets keep order."""
+    engine = MockEngine(batch_size=1, max_seq_len=128)
+    ps = [[1] * 40, [2] * 5, [3] * 40, [4] * 6]
+    started = []
+    prefill = engine.prefill
+    engine.prefill = lambda params, tokens, sampling=None: started.append(tokens[0]) or prefill(params, tokens)
+    results = run(engine, None, requests(ps, [3] * 4))
+    assert started == [2, 4, 1, 3]
+    assert [r.token_ids for r in results] == [MockEngine.expected(p, 3) for p in ps]  # in request order

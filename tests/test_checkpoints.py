@@ -18,11 +18,10 @@ from shardlm.checkpoints.convert import convert, describe
 from shardlm.checkpoints.gguf import CheckpointError
 from shardlm.checkpoints.hf import HFWeights, load_tokenizer
 from shardlm.checkpoints.tokenizer import tokenizer_from_file
-from shardlm.engine import Engine, KVCache, SamplingParams
+from shardlm.engine import Engine, SamplingParams
 from shardlm.engine.cli import main
 from shardlm.engine.llm import LLM
-from shardlm.sharding.layouts import get_layout
-from shardlm.sharding.mesh import make_mesh
+from shardlm.sharding.placement import Placement
 
 PROMPT = [1, 5, 9, 33, 100, 7, 64]
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -64,10 +63,8 @@ def hf_case(request, tmp_path_factory):
 
 
 def _logits(model):
-    cfg = model.cfg
-    cache = KVCache.zeros(cfg.n_layers, 1, len(PROMPT), cfg.n_kv_heads, cfg.head_dim)
-    logits, _ = model(jnp.asarray([PROMPT]), jnp.arange(len(PROMPT))[None], cache)
-    return np.asarray(logits[0])
+    engine = Engine(model, batch_size=1, max_seq_len=model.cfg.max_seq_len)
+    return np.asarray(engine.forward(engine.params, [PROMPT])[0])
 
 
 def _greedy(llm):
@@ -89,11 +86,10 @@ def test_hf_import_and_convert_equal_transformers(hf_case, tmp_path):
 
 def _placed_llm(path, devices, layout):
     """A model restored straight into the shardings of `layout` over `devices` (a mesh on some of the 8)."""
-    mesh = make_mesh({"x": len(devices)}, devices=devices)
-    rules = {p: get_layout(layout).rules(mesh, p, 1, 2) for p in ("prefill", "decode")}
-    loaded = loader.load(path, dtype=None, sharding_for=lambda cfg: rules["decode"].sharding_fn(mesh))
-    engine = Engine(loaded.model, batch_size=1, max_seq_len=32, mesh=mesh, prefill_rules=rules["prefill"],
-                    decode_rules=rules["decode"])
+    placement = Placement.make(loader.read_config(path), mesh_shape={"x": len(devices)}, layout=layout, batch_size=1,
+                               devices=devices)
+    loaded = loader.load(path, placement=placement, dtype=None)
+    engine = Engine(loaded.model, batch_size=1, max_seq_len=32, placement=placement)
     prefix = engine.prefill(engine.params, PROMPT)
     state = engine.insert(prefix, engine.init_decode_state(), 0)
     tokens = [int(prefix.token)]
@@ -121,7 +117,7 @@ def test_save_on_one_mesh_restore_on_others(tmp_path):
     assert _greedy(src) == ref
     gate = src.params["layers"][0]["mlp"]["gate"][...]
     assert len(gate.sharding.device_set) == 8 and gate.addressable_shards[0].data.shape == (32, 24)
-    orbax_io.save(str(tmp_path / "ck"), nnx.merge(src.engine.graphdef, src.params), src.config)
+    orbax_io.save(str(tmp_path / "ck"), src.engine.model(), src.config)
     del src
 
     x4, tokens = _placed_llm(str(tmp_path / "ck"), jax.devices()[:4], "1d_weight_stationary")

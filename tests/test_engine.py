@@ -17,11 +17,8 @@ TINY = ModelConfig("tiny", vocab_size=101, d_model=64, n_layers=3, n_heads=4, n_
 
 def _full_logits(model, tokens):
     """Logits of one forward over the whole sequence with a fresh cache of exactly its length."""
-    cfg = model.cfg
-    B, T = tokens.shape
-    cache = KVCache.zeros(cfg.n_layers, B, T, cfg.n_kv_heads, cfg.head_dim)
-    logits, _ = model(tokens, jnp.broadcast_to(jnp.arange(T), (B, T)), cache)
-    return np.asarray(logits)
+    engine = Engine(model, batch_size=1, max_seq_len=model.cfg.max_seq_len)
+    return np.asarray(engine.forward(engine.params, tokens))
 
 
 @pytest.mark.parametrize("cfg", [

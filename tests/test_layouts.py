@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from shardlm.engine import SamplingParams, batching
+from shardlm.engine import Engine, SamplingParams, batching
 from shardlm.engine.llm import Placement
 from shardlm.models.config import ModelConfig
 from shardlm.models.llama import Llama
@@ -105,9 +105,9 @@ def _random_model(cfg, seed):
 
 def _equal_to_one_device(cfg, model, mesh, layout, batch):
     """Prefill logits within 1e-4 and greedy tokens of 8 mixed-length prompts x 32 identical."""
-    one = Placement.make(cfg, batch_size=batch).engine(model, batch_size=batch, max_seq_len=64)
+    one = Engine(model, batch_size=batch, max_seq_len=64)
     placement = Placement.make(cfg, mesh_shape=mesh, layout=layout, batch_size=batch)
-    sharded = placement.engine(model, batch_size=batch, max_seq_len=64)
+    sharded = Engine(model, batch_size=batch, max_seq_len=64, placement=placement)
     logits = [np.asarray(e.prefill(e.params, TOKEN_PROMPTS[-1]).logits) for e in (one, sharded)]
     assert np.abs(logits[0] - logits[1]).max() < 1e-4
     reference = _greedy(one)
@@ -191,7 +191,7 @@ def test_per_device_memory(base):
 
 def _engine(cfg, layout, batch=8, **kw):
     placement = Placement.make(cfg, mesh_shape=MESH, layout=layout, batch_size=batch, **kw)
-    return placement.engine(Llama(cfg, rngs=nnx.Rngs(0)), batch_size=batch, max_seq_len=256)
+    return Engine(Llama(cfg, rngs=nnx.Rngs(0)), batch_size=batch, max_seq_len=256, placement=placement)
 
 
 def _pope_mlp(layout, tokens, E, F, f32=4):
@@ -250,3 +250,23 @@ def test_multiquery_decode_uses_batch_sharded_cache_and_all_to_all():
     heads = _engine(mqa, "2d_weight_stationary", attention="heads")
     kinds = {c.kind for c in compiled_collectives(heads, "decode") if c.layer == 0 and c.block == "attention"}
     assert "all-to-all" not in kinds
+
+
+def test_engines_share_the_jitted_steps_but_each_runs_its_own_layout():
+    """The step functions are module-level and shared; the Step (mesh, rules) is a static argument,
+    so an engine never runs a program traced under another engine's rules."""
+    from shardlm.engine import engine as engine_module
+
+    cfg = CFG.replace(n_kv_heads=8)
+    before = engine_module.generate_step._cache_size()
+    one_d, two_d = _engine(cfg, "1d_weight_stationary"), _engine(cfg, "2d_weight_stationary")
+    first = per_layer(compiled_collectives(one_d, "decode"))
+    second = per_layer(compiled_collectives(two_d, "decode"))
+    assert first != second
+    assert per_layer(compiled_collectives(one_d, "decode")) == first  # still its own program
+    assert engine_module.generate_step._cache_size() == before + 2
+    assert one_d.compiled_count()["generate"] == two_d.compiled_count()["generate"] == 1
+    # An equal engine (same model graph, mesh and rules) reuses the program: nothing new compiled.
+    again = _engine(cfg, "1d_weight_stationary")
+    assert per_layer(compiled_collectives(again, "decode")) == first
+    assert engine_module.generate_step._cache_size() == before + 2

@@ -3,18 +3,19 @@ schedule itself, greedy tokens and logits equal to the unsharded model, each dev
 stage's layers and cache, and stages talking through collective-permutes only."""
 
 import gc
+import math
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from shardlm.engine import SamplingParams, batching
+from shardlm.engine import Engine, SamplingParams, batching
 from shardlm.engine.llm import Placement
 from shardlm.models.config import ModelConfig
 from shardlm.models.llama import Llama
 from shardlm.sharding.collectives import compiled_collectives
-from shardlm.sharding.pipeline import Pipeline, bubble_fraction, check_stages, schedule
+from shardlm.sharding.pipeline import Pipeline, bubble_fraction, check_stages, schedule, stage_sizes
 
 # 8 layers so that 2, 4 and 8 stages all split evenly.
 DEEP = ModelConfig("tiny-deep", vocab_size=101, d_model=64, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -44,7 +45,7 @@ def _generate(engine, prompts):
 
 def _run(model, mesh_shape, layout, batch, microbatches=None):
     placement = Placement.make(DEEP, mesh_shape=mesh_shape, layout=layout, batch_size=batch, microbatches=microbatches)
-    engine = placement.engine(model, batch, MAX_LEN)
+    engine = Engine(model, batch_size=batch, max_seq_len=MAX_LEN, placement=placement)
     logits = [np.asarray(engine.prefill(engine.params, p).logits) for p in PROMPTS]
     return _generate(engine, PROMPTS), np.stack(logits), engine
 
@@ -76,15 +77,41 @@ def test_schedule_keeps_every_stage_busy(stages, micro):
     assert idle / (stages * len(ticks)) == pytest.approx(bubble_fraction(stages, micro))
 
 
-def test_uneven_split_and_bad_microbatches_are_rejected():
-    with pytest.raises(ValueError, match="8 layers cannot be split evenly into 3"):
-        check_stages(8, 3)
-    with pytest.raises(ValueError, match="cannot be split evenly"):
-        Placement.make(DEEP.replace(n_layers=6), mesh_shape={"stage": 4, "x": 2})
+def test_stage_sizes_split_like_vllm_and_bad_counts_are_rejected():
+    assert stage_sizes(30, 4) == [8, 8, 7, 7]
+    assert stage_sizes(8, 3) == [3, 3, 2]
+    assert stage_sizes(8, 8) == [1] * 8
+    pipe = Pipeline(4, 4, 30)
+    assert pipe.per_stage == 8 and pipe.cache_layers == 32
+    assert pipe.slots() == list(range(16)) + list(range(16, 23)) + list(range(24, 31))
+    with pytest.raises(ValueError, match="8 layers cannot be split into 9"):
+        check_stages(8, 9)
+    with pytest.raises(ValueError, match="cannot be split into"):
+        Placement.make(DEEP.replace(n_layers=3), mesh_shape={"stage": 4, "x": 2})
     with pytest.raises(ValueError, match="microbatches must be"):
-        Pipeline(2, 0)
+        Pipeline(2, 0, 8)
     with pytest.raises(ValueError, match="needs a pipeline"):
         Placement.make(DEEP, mesh_shape={"x": 8}, microbatches=4)
+
+
+def test_uneven_stages_equal_unsharded():
+    """6 layers over 4 stages (2, 2, 1, 1; two padding slots), 8 layers over 3 (3, 3, 2): tokens and
+    logits of one device, at batch 1 and 8."""
+    for n_layers, mesh_shape in ((6, {"stage": 4, "x": 2}), (8, {"stage": 3})):
+        cfg = DEEP.replace(n_layers=n_layers)
+        model = Llama(cfg, rngs=nnx.Rngs(5))
+        devices = None if math.prod(mesh_shape.values()) == 8 else jax.devices()[:3]
+        one = Engine(model, batch_size=8, max_seq_len=MAX_LEN)
+        want = _generate(one, PROMPTS), np.stack([np.asarray(one.prefill(one.params, p).logits) for p in PROMPTS])
+        for batch in (1, 8):
+            placement = Placement.make(cfg, mesh_shape=mesh_shape, layout="replicated" if devices else None,
+                                       batch_size=batch, devices=devices)
+            engine = Engine(model, batch_size=batch, max_seq_len=MAX_LEN, placement=placement)
+            logits = np.stack([np.asarray(engine.prefill(engine.params, p).logits) for p in PROMPTS])
+            assert np.abs(logits - want[1]).max() < LOGIT_TOL
+            assert _generate(engine, PROMPTS) == want[0]
+        assert engine.model().layers[n_layers - 1].mlp.up[...].shape == model.layers[-1].mlp.up[...].shape
+        assert len(engine.model().layers) == n_layers
 
 
 # ----- the same tokens and logits as one device -----
@@ -101,8 +128,8 @@ CASES = [  # mesh, layout, microbatches (None: as many as stages)
 @pytest.mark.parametrize("mesh_shape,layout,microbatches", CASES, ids=lambda c: str(c))
 def test_pipeline_equals_unsharded(model, reference, mesh_shape, layout, microbatches, batch):
     tokens, logits, engine = _run(model, mesh_shape, layout, batch, microbatches)
-    assert engine.pipeline.stages == mesh_shape["stage"]
-    assert engine.pipeline.microbatches == (microbatches or mesh_shape["stage"])
+    assert engine.strategy.stages == mesh_shape["stage"]
+    assert engine.strategy.microbatches == (microbatches or mesh_shape["stage"])
     assert tokens == reference[0]
     assert np.abs(logits - reference[1]).max() < LOGIT_TOL
 
@@ -112,7 +139,7 @@ def test_pipeline_equals_unsharded(model, reference, mesh_shape, layout, microba
 def test_each_device_holds_only_its_stages_layers_and_cache(model):
     mesh_shape = {"stage": 4, "x": 2}
     placement = Placement.make(DEEP, mesh_shape=mesh_shape, layout="1d_weight_stationary", batch_size=8)
-    engine = placement.engine(model, 8, MAX_LEN)
+    engine = Engine(model, batch_size=8, max_seq_len=MAX_LEN, placement=placement)
     stage_of = {d.id: s for s, row in enumerate(placement.mesh.devices) for d in row.flat}
     placed = placement.place(model)  # before stacking: layer i already only on its stage's devices
     for i, layer in enumerate(placed.layers):
@@ -133,7 +160,7 @@ def test_each_device_holds_only_its_stages_layers_and_cache(model):
 
 def test_stages_exchange_activations_by_collective_permute_only(model):
     placement = Placement.make(DEEP, mesh_shape={"stage": 8}, layout="replicated", batch_size=8)
-    engine = placement.engine(model, 8, MAX_LEN)
+    engine = Engine(model, batch_size=8, max_seq_len=MAX_LEN, placement=placement)
     collectives = compiled_collectives(engine, "decode")
     kinds = {c.kind for c in collectives}
     assert "collective-permute" in kinds
@@ -173,5 +200,7 @@ def test_cli_layouts_and_plan_with_stages(capsys):
                  "stage=2,x=4,y=4,z=4", "--batch", "64", "--phase", "decode", "--json"]) == 0
     best = __import__("json").loads(capsys.readouterr().out)["pipelines"][0]
     assert (best["stages"], best["microbatches"], best["bubble_fraction"]) == (2, 2, pytest.approx(1 / 3))
-    assert main(["layouts", "--mesh", "stage=4"]) == 2  # 30 layers into 4 stages
-    assert "cannot be split evenly into 4" in capsys.readouterr().err
+    assert main(["layouts", "--mesh", "stage=4"]) == 0  # 30 layers into 4 stages: 8, 8, 7, 7
+    assert "4 stages of 8 or 7 layers" in capsys.readouterr().out
+    assert main(["layouts", "--mesh", "stage=31"]) == 2
+    assert "30 layers cannot be split into 31" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def test_bad_inputs(kw, match):
     args = dict(config=PALM, chip="tpu-v4", mesh_shape=CUBE, phase="decode", batch=64, context=2048) | kw
     if "mesh_shape" in kw:
         with pytest.raises(ValueError):
-            planner._check_mesh(kw["mesh_shape"], 64)
+            planner.check_mesh(kw["mesh_shape"], 64)
         return
     with pytest.raises(ValueError, match=match):
         planner.plan(**args)

@@ -1,7 +1,6 @@
 """int8 weights and int8 KV cache: quality (perplexity against float32 on real English text),
 every layout against one device, bytes per device from the arrays, checkpoints, CLI and bad input."""
 
-import dataclasses
 import gc
 import json
 import math
@@ -15,9 +14,8 @@ from flax import nnx
 
 from shardlm.checkpoints import loader, orbax_io
 from shardlm.checkpoints.gguf import CheckpointError
-from shardlm.engine import LLM, SamplingParams, batching
+from shardlm.engine import LLM, Engine, SamplingParams, batching
 from shardlm.engine.cli import main
-from shardlm.engine.kv_cache import KVCache
 from shardlm.engine.llm import Placement
 from shardlm.engine.perplexity import perplexity, perplexity_of_ids
 from shardlm.models import quant
@@ -38,14 +36,13 @@ TOKEN_PROMPTS = [[(7 * i + 3 * j) % CFG.vocab_size for j in range(5 + 3 * i)] fo
 
 def _with_model(llm, model, cache_dtype=None):
     """`llm` with another model (same placement and tokenizer) and cache dtype."""
-    loaded = dataclasses.replace(llm._loaded, model=model)
+    loaded = loader.LoadedModel(config=llm.config, model=model, tokenizer=llm.tokenizer, source=llm.source)
     return LLM._build(loaded, llm.placement, llm.engine.batch_size, llm.engine.max_seq_len, cache_dtype)
 
 
 @pytest.fixture(scope="module")
 def int8_model(llm):
-    model = nnx.merge(llm.engine.graphdef, llm.params)
-    return quant.quantize_model(model, "int8")
+    return quant.quantize_model(llm.engine.model(), "int8")
 
 
 @pytest.mark.slow
@@ -69,11 +66,8 @@ def test_perplexity_equals_a_full_forward_without_cache(llm):
     """One window: the sliding-window scorer equals log-softmax of a plain forward over the tokens."""
     ids = llm.tokenizer.encode(TEXT)[:100]
     got = perplexity_of_ids(llm, ids)
-    model = nnx.merge(llm.engine.graphdef, llm.params)
-    cfg = model.cfg
     tokens = jnp.asarray([ids])
-    cache = KVCache.zeros(cfg.n_layers, 1, len(ids), cfg.n_kv_heads, cfg.head_dim)
-    logits, _ = model(tokens, jnp.arange(len(ids))[None], cache)
+    logits = llm.engine.forward(llm.params, tokens)
     logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
     nll = -float(jnp.mean(jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)))
     assert got["tokens"] == len(ids) - 1
@@ -97,11 +91,11 @@ def test_quantized_weights_and_bytes_on_one_device(llm, int8_model):
     assert flat[("embed",)][...].dtype == jnp.int8 and flat[("embed_scale",)][...].shape == (llm.config.vocab_size,)
     assert flat[("final_norm", "scale")][...].dtype == jnp.float32
     # Dequantized weights are close to the float ones (half a step of each channel's scale).
-    w = np.asarray(nnx.state(nnx.merge(llm.engine.graphdef, llm.params))["layers"][0]["mlp"]["gate"][...])
+    w = np.asarray(nnx.state(llm.engine.model())["layers"][0]["mlp"]["gate"][...])
     q = np.asarray(flat[("layers", 0, "mlp", "gate")][...]).astype(np.float32)
     s = np.asarray(flat[("layers", 0, "mlp", "gate_scale")][...])
     assert np.all(np.abs(q * s - w) <= s / 2 + 1e-7)
-    f32_bytes = sum(quant.weight_bytes(nnx.merge(llm.engine.graphdef, llm.params)).values())
+    f32_bytes = sum(quant.weight_bytes(llm.engine.model()).values())
     int8_bytes = sum(quant.weight_bytes(int8_model).values())
     assert abs(int8_bytes / (f32_bytes / 4) - 1) < 0.05, (int8_bytes, f32_bytes)
 
@@ -115,7 +109,7 @@ def _greedy(engine, n_new=12):
 @pytest.fixture(scope="module")
 def random_int8():
     model = quant.quantize_model(Llama(CFG, rngs=nnx.Rngs(1)), "int8")
-    reference = {kv: _greedy(Placement.make(CFG, batch_size=8).engine(model, 8, 64, kv)) for kv in (None, jnp.int8)}
+    reference = {kv: _greedy(Engine(model, batch_size=8, max_seq_len=64, cache_dtype=kv)) for kv in (None, jnp.int8)}
     assert len({tuple(t) for t in reference[None]}) > 1  # the prompts lead to different continuations
     return model, reference
 
@@ -128,7 +122,7 @@ def test_int8_layouts_give_unsharded_tokens(random_int8, layout, kv):
     model, reference = random_int8
     placement = Placement.make(CFG, mesh_shape=MESH, layout=layout, batch_size=8)
     assert (placement.prefill_layout, placement.decode_layout) == (layout, layout)
-    engine = placement.engine(model, 8, 64, kv)
+    engine = Engine(model, batch_size=8, max_seq_len=64, placement=placement, cache_dtype=kv)
     assert _greedy(engine) == reference[kv]
     flat = dict(nnx.to_flat_state(engine.params))
     w, s = flat[("layers", 0, "mlp", "gate")][...], flat[("layers", 0, "mlp", "gate_scale")][...]
@@ -152,7 +146,7 @@ def test_int8_bytes_per_device_are_a_quarter_of_float32():
 def test_int8_kv_cache_holds_int8_and_per_token_head_scales():
     model = Llama(CFG.replace(n_kv_heads=8), rngs=nnx.Rngs(2))
     placement = Placement.make(model.cfg, mesh_shape=MESH, layout="2d_weight_stationary", batch_size=8)
-    engine = placement.engine(model, 8, 64, jnp.int8)
+    engine = Engine(model, batch_size=8, max_seq_len=64, placement=placement, cache_dtype=jnp.int8)
     state = engine.init_decode_state()
     values, scale = state.cache.k[0]
     assert values.dtype == jnp.int8 and values.shape == (8, 64, 8, 32)
@@ -165,7 +159,7 @@ def test_int8_checkpoint_restores_onto_a_mesh_and_refuses_requantizing(tmp_path)
     path = str(tmp_path / "ckpt")
     orbax_io.save(path, model, CFG)
     placement = Placement.make(CFG, mesh_shape=MESH, layout="1d_weight_stationary", batch_size=8)
-    loaded = loader.load(path, sharding_for=lambda cfg: placement.decode_rules.sharding_fn(placement.mesh))
+    loaded = loader.load(path, placement=placement)
     saved = dict(nnx.to_flat_state(nnx.state(model)))
     for path_, var in nnx.to_flat_state(nnx.state(loaded.model)):
         assert var[...].dtype == saved[path_][...].dtype

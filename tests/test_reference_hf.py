@@ -60,13 +60,4 @@ def test_prompt_logits_match_hf(llm, hf_model, record_property):
 
 def llm_forward(llm, ids):
     """All-position logits [T, V] from one forward over the prompt with a fresh cache."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from shardlm.engine.kv_cache import KVCache
-
-    cfg = llm.config
-    model = nnx.merge(llm.engine.graphdef, llm.params)
-    cache = KVCache.zeros(cfg.n_layers, 1, len(ids), cfg.n_kv_heads, cfg.head_dim)
-    logits, _ = model(jnp.asarray([ids]), jnp.arange(len(ids))[None], cache)
-    return logits[0]
+    return llm.engine.forward(llm.params, [ids])[0]
