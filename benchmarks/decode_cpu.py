@@ -47,102 +47,44 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
-import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from shardlm.checkpoints.loader import embedded_model_path  # noqa: E402
-from shardlm.engine import LLM, SamplingParams  # noqa: E402
-from shardlm.engine.engine import Engine  # noqa: E402
+from shardlm.engine import LLM, Engine, SamplingParams  # noqa: E402
 from shardlm.models.config import ModelConfig, preset  # noqa: E402
 from shardlm.models.llama import Llama  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-_lines: list[str] = []
+from common import (  # noqa: E402
+    BW_SAMPLE_EVERY,
+    OTHERS,
+    RESULTS_DIR,
+    Log,
+    kv_bytes_per_step,
+    local_bandwidth,
+    machine,
+    median,
+    params_nbytes,
+    source_state,
+    steady_decode,
+    time_prefill,
+    wait_until_quiet,
+    write_results,
+)
 
-
-def log(line: str = "") -> None:
-    print(line, flush=True)
-    _lines.append(line)
-
-
-def median(xs) -> float:
-    return float(statistics.median(xs))
-
-
-def _cpu_stat() -> tuple[float, float]:
-    """(busy, steal) seconds of CPU time of the whole machine (all processes, all cores) so far.
-    busy includes steal: time the hypervisor gave our virtual CPUs to someone else."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
-    tick = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq + steal) / tick, steal / tick
-
-
-class Others:
-    """Share of the machine's CPU time taken by other processes (and steal) while a section ran.
-
-    Timings on a 2-core machine are meaningless if something else runs: torch's OpenMP barriers stall
-    for milliseconds when one of its two threads is descheduled. Each section records this share.
-    """
-
-    def __init__(self):
-        self.sections: dict[str, float] = {}  # others + steal, as a share of all cores' time
-        self.steal: dict[str, float] = {}
-        self.attempts: dict[str, int] = {}
-        self._open = None
-
-    def begin(self, name: str) -> None:
-        self.end()
-        self._open = (name, time.perf_counter(), _cpu_stat(), sum(os.times()[:2]))
-
-    def end(self) -> None:
-        if self._open is None:
-            return
-        name, w0, (b0, s0), o0 = self._open
-        self._open = None
-        cap = (time.perf_counter() - w0) * os.cpu_count()
-        b1, s1 = _cpu_stat()
-        others = (b1 - b0) - (sum(os.times()[:2]) - o0)
-        self.sections[name] = max(0.0, others / cap)
-        self.steal[name] = (s1 - s0) / cap
-
-
-OTHERS = Others()
-
-
-def wait_until_quiet(max_wait_s: float, threshold: float = 0.1, window_s: float = 3.0) -> float:
-    """Wait (up to max_wait_s) for a window in which the machine is under `threshold` busy."""
-    t0 = time.perf_counter()
-    said = -60.0
-    while True:
-        b0 = _cpu_stat()[0]
-        time.sleep(window_s)
-        busy = (_cpu_stat()[0] - b0) / (window_s * os.cpu_count())
-        waited = time.perf_counter() - t0
-        if busy < threshold or waited > max_wait_s:
-            return busy
-        if waited - said >= 60:  # progress on the terminal only, not in the recorded report
-            print(f"  machine {busy:.0%} busy with other processes; waiting for it to be quiet ...", flush=True)
-            said = waited
+log = Log()
 
 
 # ----- rooflines -----
@@ -203,31 +145,6 @@ def rooflines(rows: int = 8192, cols: int = 8192, reps: int = 20) -> dict:
             "torch_mv_bw": torch_bw, "matmul_n": n, "jax_matmul_flops": jax_flops, "torch_mm_flops": torch_flops}
 
 
-_MATVEC: dict = {}
-BW_SAMPLE_EVERY = 16  # decode steps between bandwidth samples
-
-
-def local_bandwidth(reps: int = 3, rows: int = 8192, cols: int = 8192) -> float:
-    """Best JAX [rows, cols] f32 matrix-vector bandwidth right now (bytes/s). Sampled during each decode
-    measurement: this machine's bandwidth jumps between ~35 and ~55 GB/s for tens of seconds at a time
-    (other VMs on the host, presumably), so a figure from minutes earlier is no reference."""
-    if not _MATVEC:
-        rng = np.random.default_rng(3)
-        _MATVEC["a"] = jnp.asarray(rng.standard_normal((rows, cols), dtype=np.float32))
-        _MATVEC["x"] = jnp.asarray(rng.standard_normal((cols,), dtype=np.float32))
-        _MATVEC["f"] = jax.jit(lambda a, x: a @ x)
-        _MATVEC["f"](_MATVEC["a"], _MATVEC["x"]).block_until_ready()
-    a, x, f = _MATVEC["a"], _MATVEC["x"], _MATVEC["f"]
-    nbytes = a.nbytes + x.nbytes + a.shape[0] * 4
-    f(a, x).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
-
-
 # ----- model arithmetic -----
 
 def layer_params(cfg: ModelConfig) -> int:
@@ -243,58 +160,11 @@ def prefill_flops(cfg: ModelConfig, T: int, B: int = 1) -> float:
     return B * (matmul + attention + logits)
 
 
-def kv_bytes_per_step(cfg: ModelConfig, B: int, S: int, itemsize: int = 4) -> int:
-    """KV cache bytes a shardlm decode step reads (it attends over all S cache slots)."""
-    return cfg.n_layers * 2 * B * S * cfg.n_kv_heads * cfg.head_dim * itemsize
-
-
 # ----- shardlm side -----
 
-def params_nbytes(params) -> int:
-    return int(sum(x.nbytes for x in jax.tree.leaves(params)))
-
-
 def jax_prefill(engine: Engine, params, prompt, reps: int) -> dict:
-    for _ in range(2):
-        jax.block_until_ready(engine.prefill(params, prompt))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        prefix = engine.prefill(params, prompt)
-        jax.block_until_ready(prefix)
-        times.append(time.perf_counter() - t0)
-    return {"median_s": median(times), "best_s": min(times), "logits": np.asarray(prefix.logits)}
-
-
-def jax_decode(engine: Engine, params, prompts, steps: int, warm_steps: int = 3) -> dict:
-    """Steady-state decode: `steps` Engine.generate calls after every slot holds a prompt."""
-    def filled():
-        state = engine.init_decode_state()
-        for slot, p in enumerate(prompts):
-            state = engine.insert(engine.prefill(params, p), state, slot)
-        return jax.block_until_ready(state)
-
-    state = filled()
-    for _ in range(warm_steps):  # compiles generate; on a separate state, so positions start over below
-        state, tokens = engine.generate(params, state)
-    jax.block_until_ready((state, tokens))
-    state = filled()
-    bw = [local_bandwidth()]
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        state, tokens = engine.generate(params, state)
-        np.asarray(tokens)  # the host reads every step's tokens, as the batching loop does
-        times.append(time.perf_counter() - t0)
-        if (i + 1) % BW_SAMPLE_EVERY == 0:  # between steps, outside their timing
-            bw.append(local_bandwidth())
-    bw.append(local_bandwidth())
-    del state
-    B = engine.batch_size
-    total = sum(times)
-    return {"steps": steps, "total_s": total, "mean_step_s": total / steps, "median_step_s": median(times),
-            "tok_s": B * steps / total, "median_step_tok_s": B / median(times),
-            "bandwidth": median(bw), "bandwidth_samples": bw}
+    p, prefix = time_prefill(engine, params, prompt, reps)
+    return {"median_s": p["median_s"], "best_s": p["best_s"], "logits": np.asarray(prefix.logits)}
 
 
 def jax_end_to_end(llm: LLM, prompts, new_tokens: int) -> dict:
@@ -409,7 +279,7 @@ def jax_round(engine: Engine, params, rows, N: int, reps: int, prefill: bool, ll
     r = {}
     if prefill:
         r["prefill"] = jax_prefill(engine, params, rows[0], reps)
-    r["decode"] = jax_decode(engine, params, rows, N - 1)
+    r["decode"] = steady_decode(engine, params, rows, N - 1)
     if llm is not None:
         r["e2e"] = jax_end_to_end(llm, rows, N)
     return r
@@ -459,8 +329,8 @@ def smollm2(args) -> tuple[dict, ModelConfig]:
         llm, rows = llms[B], [p.tolist() for p in prompts[B]]
         jr, hr = interleaved(
             "SmolLM2", B, args.rounds,
-            lambda: jax_round(llm.engine, llm.params, rows, N, args.reps, prefill=B == 1, llm=llm),
-            lambda: hf_round(model, prompts[B], N, args.reps, pad_id), args)
+            functools.partial(jax_round, llm.engine, llm.params, rows, N, args.reps, prefill=B == 1, llm=llm),
+            functools.partial(hf_round, model, prompts[B], N, args.reps, pad_id), args)
         # Same weights, same greedy decoding: the tokens of both sides should agree (first round).
         row = {"greedy_tokens_identical_prefix": [common_prefix(a, b) for a, b in
                                                   zip(jr[0]["e2e"]["token_ids"], hr[0]["generate"]["token_ids"])]}
@@ -508,8 +378,8 @@ def tinyllama(args) -> tuple[dict, ModelConfig]:
     hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
 
     jr, hr = interleaved("TinyLlama", 1, args.tiny_rounds,
-                         lambda: jax_round(engine, params, [prompt[0].tolist()], N, reps, prefill=True),
-                         lambda: hf_round(hf, prompt, N_hf, reps, pad_id=0), args)
+                         functools.partial(jax_round, engine, params, [prompt[0].tolist()], N, reps, prefill=True),
+                         functools.partial(hf_round, hf, prompt, N_hf, reps, pad_id=0), args)
     for r in jr:
         r["prefill"].pop("logits")
     for r in hr:
@@ -561,41 +431,6 @@ def derive(res: dict, cfg: ModelConfig, roof: dict, N: int) -> dict:
               for jr, hr in zip(j["rounds"], h["rounds"])]
         d[B] = med_tree(xs) | {"rounds": xs}
     return d
-
-
-def source_state() -> dict:
-    """The commit measured, and files that differed from it when the run started."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"), "modified": status.splitlines() if status else []}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(next(l for l in f if l.startswith("MemTotal")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_bytes": mem, "platform": platform.platform(),
-            "python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "flax": flax.__version__, "numpy": np.__version__,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads(), "jax_devices": [str(d) for d in jax.devices()],
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS")}
 
 
 # ----- report -----
@@ -751,11 +586,7 @@ def main(argv=None) -> dict:
     report(res)
     log(f"wall time {res['wall_s']:.0f} s")
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "decode_cpu.json"), "w") as f:
-        json.dump(res, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    with open(os.path.join(args.out_dir, "decode_cpu.txt"), "w") as f:
-        f.write("\n".join(_lines) + "\n")
+    write_results(args.out_dir, "decode_cpu", res, log.lines)
     return res
 
 

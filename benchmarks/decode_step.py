@@ -4,26 +4,26 @@
 
 Reports ms per step, tokens/s and MBU: (parameter + KV-cache bytes read per step) / step time /
 the bandwidth of a large matrix-vector product timed in the same run on the same device.
-Results go to benchmarks/results/decode_step_<platform>.json.
+Results go to benchmarks/results/decode_step_<platform>.json ($OUT/ instead where $OUT is set).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from shardlm.engine import Engine, SamplingParams
 from shardlm.engine.llm import parse_dtype
 from shardlm.models.config import preset
 from shardlm.models.llama import Llama
+
+from common import RESULTS_DIR, cache_nbytes, params_nbytes, write_results
 
 
 def best_time(f, *args, reps=10):
@@ -71,8 +71,7 @@ def main():
             state, tokens = engine.generate(engine.params, state)
         jax.block_until_ready(tokens)
         step = (time.perf_counter() - t) / args.steps
-        param_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.params))
-        kv_bytes = sum(x.nbytes for x in jax.tree.leaves((state.cache.k, state.cache.v)))
+        param_bytes, kv_bytes = params_nbytes(engine.params), cache_nbytes(state)
         row = {"batch": B, "step_ms": step * 1e3, "tok_s": B / step, "param_bytes": param_bytes, "kv_bytes": kv_bytes,
                "mbu": (param_bytes + kv_bytes) / step / bw}
         rows.append(row)
@@ -83,11 +82,8 @@ def main():
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "jax": jax.__version__, "device": device.device_kind, "platform": device.platform,
            "model": cfg.name, "dtype": args.dtype, "context": args.context, "matvec_bandwidth": bw, "rows": rows}
-    results = os.path.join(os.environ.get("OUT", os.path.dirname(__file__) + "/results"),
-                           f"decode_step_{device.platform}.json")
-    with open(results, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", results)
+    stem = write_results(os.environ.get("OUT", RESULTS_DIR), f"decode_step_{device.platform}", out)
+    print("wrote", stem + ".json")
 
 
 if __name__ == "__main__":

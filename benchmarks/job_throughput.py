@@ -17,7 +17,7 @@ transformers' batched `generate` on the same GGUF and the same token ids, in the
   also the mean decode step and its MBU = (parameter bytes + KV cache bytes read) per step / step
   time / the bandwidth of a large matrix-vector product timed before and after each section.
 - Other processes: the CPU share other processes took during each section is recorded next to it
-  (the machine is shared; see benchmarks/decode_cpu.py `Others`).
+  (the machine is shared; see benchmarks/common.py `Others`).
 
 Writes benchmarks/results/job_throughput.json and .txt.
 """
@@ -29,33 +29,37 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_cpu import (OTHERS, RESULTS_DIR, kv_bytes_per_step, local_bandwidth, machine,  # noqa: E402
-                        params_nbytes, source_state, wait_until_quiet)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the HF side loads the local GGUF only
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from shardlm.checkpoints.loader import embedded_model_path  # noqa: E402
-from shardlm.engine import LLM, SamplingParams  # noqa: E402
-from shardlm.engine import jobs  # noqa: E402
+from shardlm.engine import LLM, SamplingParams, jobs  # noqa: E402
 
-_lines: list[str] = []
+from common import (
+    OTHERS,
+    RESULTS_DIR,
+    Log,
+    kv_bytes_per_step,
+    local_bandwidth,
+    machine,
+    params_nbytes,
+    source_state,
+    wait_until_quiet,
+    write_results,
+)
+
+log = Log()
 
 TOPICS = ["the sea", "volcanoes", "bread", "the moon", "chess", "rivers", "bees", "glass", "trains", "maps",
           "winter", "copper", "owls", "bridges", "tea", "clocks", "deserts", "paper", "whales", "gardens"]
 CONTEXT = ("Background: the town sits where two rivers meet; its market opens at dawn, its bridge is older "
            "than the cathedral, and every spring the river floods the lower streets. ")
-
-
-def log(line: str = "") -> None:
-    print(line, flush=True)
-    _lines.append(line)
 
 
 def job_prompts(n: int) -> list[dict]:
@@ -161,7 +165,7 @@ def main(argv=None) -> dict:
 
         llm = LLM.load(None, batch_size=max(args.slots), max_seq_len=256)
         cfg = llm.config
-        prompt_ids = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(s["messages"])) for s in specs]
+        prompt_ids = [llm.encode(s["messages"]) for s in specs]
         lengths = [len(p) for p in prompt_ids]
         log(f"job: {n} chat prompts of {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
             f"{args.new_tokens} new tokens each (stop tokens ignored), greedy, float32, SmolLM2-135M, one CPU device")
@@ -211,11 +215,7 @@ def main(argv=None) -> dict:
               "hf": [{k: v for k, v in h.items() if k != "tokens"} for h in hf],
               "config": {"name": cfg.name, "n_layers": cfg.n_layers, "d_model": cfg.d_model}}
     if not args.quick:
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "job_throughput.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(args.out_dir, "job_throughput.txt"), "w") as f:
-            f.write("\n".join(_lines) + "\n")
+        write_results(args.out_dir, "job_throughput", result, log.lines)
     return result
 
 

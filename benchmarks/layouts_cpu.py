@@ -36,21 +36,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import os
-import platform
-import statistics
-import sys
 import time
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-_lines: list[str] = []
+from common import RESULTS_DIR, Log, Others, machine, median, run_steps, time_prefill, timed_steps, write_results
 
-
-def log(line: str = "") -> None:
-    print(line, flush=True)
-    _lines.append(line)
+log = Log()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,62 +87,19 @@ ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:
     force_cpu_devices(ARGS)
 
-import flax  # noqa: E402
 import jax  # noqa: E402
-import jaxlib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from shardlm.engine import LLM  # noqa: E402
 from shardlm.sharding.layouts import LAYOUTS  # noqa: E402
 from shardlm.sharding.mesh import parse_mesh  # noqa: E402
 
-
-def median(xs) -> float:
-    return float(statistics.median(xs))
-
-
-def _cpu_busy_s() -> float | None:
-    """Seconds the whole machine's CPUs were busy (all processes); None where /proc/stat is missing."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class OtherLoad:
-    """Share of the machine's CPU time taken by other processes while the benchmark ran."""
-
-    def __init__(self):
-        self.w0, self.b0, self.o0 = time.perf_counter(), _cpu_busy_s(), sum(os.times()[:2])
-
-    def share(self) -> float | None:
-        busy = _cpu_busy_s()
-        if busy is None or self.b0 is None:
-            return None
-        wall = time.perf_counter() - self.w0
-        others = (busy - self.b0) - (sum(os.times()[:2]) - self.o0)
-        return max(0.0, others / (wall * os.cpu_count()))
-
-
 # ----- measurements -----
 
-def time_prefill(llm: LLM, prompt: list[int], reps: int) -> tuple[dict, object]:
+def prefill_figures(llm: LLM, prompt: list[int], reps: int) -> tuple[dict, object]:
     """Median prefill time of one prompt; returns the figures and the last Prefix (for filling slots)."""
-    engine = llm.engine
-    t0 = time.perf_counter()
-    prefix = jax.block_until_ready(engine.prefill(llm.params, prompt))
-    first_s = time.perf_counter() - t0  # compiles
-    jax.block_until_ready(engine.prefill(llm.params, prompt))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        prefix = jax.block_until_ready(engine.prefill(llm.params, prompt))
-        times.append(time.perf_counter() - t0)
-    return {"runs_as": llm.layouts[0], "median_s": median(times), "best_s": min(times), "times_s": times,
-            "first_call_s": first_s}, prefix
+    figures, prefix = time_prefill(llm.engine, llm.params, prompt, reps)
+    return {"runs_as": llm.layouts[0], **figures}, prefix
 
 
 def time_decode(llm: LLM, prefix, steps: int, warmup: int) -> dict:
@@ -159,17 +108,8 @@ def time_decode(llm: LLM, prefix, steps: int, warmup: int) -> dict:
     state = engine.init_decode_state()
     for slot in range(engine.batch_size):
         state = engine.insert(prefix, state, slot)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        state, tokens = engine.generate(llm.params, state)
-    jax.block_until_ready((state, tokens))
-    warmup_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, tokens = engine.generate(llm.params, state)
-        np.asarray(tokens)  # the host reads every step's tokens, as the batching loop does
-        times.append(time.perf_counter() - t0)
+    state, warmup_s = run_steps(engine, llm.params, state, warmup)
+    state, times, _ = timed_steps(engine, llm.params, state, steps)
     del state
     B = engine.batch_size
     return {"runs_as": llm.layouts[1], "steps": steps, "median_step_s": median(times), "mean_step_s": sum(times) / steps,
@@ -191,7 +131,7 @@ def run_placement(base: LLM, args, prompt: list[int], mesh_shape, layout: str | 
                 out["prefill"] = dict(reuse[key], reused=True)
                 prefix = None
             else:
-                out["prefill"], prefix = time_prefill(llm, prompt, args.prefill_reps)
+                out["prefill"], prefix = prefill_figures(llm, prompt, args.prefill_reps)
                 reuse[key] = out["prefill"]
             log(f"  prefill {args.prompt_len} tokens: {out['prefill']['median_s'] * 1e3:9.1f} ms"
                 + (f"  (runs as {prefill_as})" if prefill_as != (layout or "replicated") else ""))
@@ -260,18 +200,6 @@ def report(res: dict, args) -> None:
             + (" (figures are suspect: rerun on a quiet machine)" if share > 0.1 else "") + ".")
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, "numpy": np.__version__,
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS")}
-
-
 def main(args) -> dict:
     mesh_shape = parse_mesh(args.mesh)
     names = args.layouts or list(LAYOUTS)
@@ -279,7 +207,8 @@ def main(args) -> dict:
     if unknown:
         raise SystemExit(f"unknown layouts {unknown}; known: {', '.join(LAYOUTS)}")
     started = datetime.datetime.now(datetime.timezone.utc)
-    load = OtherLoad()
+    others = Others()
+    others.begin("run")
     devices = jax.devices()
     res: dict = {"benchmark": "layouts", "date": started.isoformat(timespec="seconds"), "jax": jax.__version__,
                  "platform": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices),
@@ -301,17 +230,13 @@ def main(args) -> dict:
         t0 = time.perf_counter()
         res["layouts"][name] = run_placement(base, args, prompt, mesh_shape, name, reuse)
         res["layouts"][name]["wall_s"] = time.perf_counter() - t0
-    res["other_processes_cpu_share"] = load.share()
+    others.end()
+    res["other_processes_cpu_share"] = others.sections["run"]
     res["wall_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     report(res, args)
     log(f"wall time {res['wall_s']:.0f} s")
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"layouts_{res['platform']}")
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-    with open(stem + ".txt", "w") as f:
-        f.write("\n".join(_lines) + "\n")
+    stem = write_results(args.out_dir, f"layouts_{res['platform']}", res, log.lines)
     log(f"wrote {stem}.json and .txt")
     return res
 

@@ -9,8 +9,9 @@ RssFile) and reports the peaks, the kernel's VmHWM, the RSS before the load (Pyt
 imported) and the bytes of the arrays it ends up holding:
 
 - shardlm HF import onto 1 device, and onto 8 virtual CPU devices in 2D weight-stationary (x=2,y=2,z=2),
-  bf16 (`loader.load`: each device slice read with safetensors get_slice straight into its shard);
-- `shardlm convert` of the same folder to a shardlm (Orbax) checkpoint, and restoring that onto 1 device;
+  bf16 (`LLM.load`: each device slice read with positioned reads straight into its shard);
+- `shardlm convert` of the same folder to a shardlm (Orbax) checkpoint, and restoring that onto 1 device
+  (`LLM.load` of the checkpoint);
 - reference: HF transformers `LlamaForCausalLM.from_pretrained(folder, dtype=bfloat16)` on the same files,
   as returned (its tensors map the files lazily: nothing is read yet), and after reading every weight once
   (as a first forward would).
@@ -28,24 +29,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS_DIR = os.path.join(HERE, "results")
-sys.path.insert(0, HERE)
+from common import RESULTS_DIR, Log, Others, machine, source_state, write_results
 
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
              num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
-_lines: list[str] = []
-
-
-def log(line: str = "") -> None:
-    print(line, flush=True)
-    _lines.append(line)
+log = Log()
 
 
 # ----- the synthetic checkpoint -----
@@ -152,35 +147,27 @@ def child(mode: str, src: str, dst: str) -> dict:
                 for p in model.parameters():
                     p.detach().view(torch.int16).max()
             return model
-        held = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+        held = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
     else:
         import jax
-        import jax.numpy as jnp
-        from flax import nnx
 
-        from shardlm.checkpoints import convert, loader
+        from shardlm.checkpoints import convert
+        from shardlm.engine import LLM
 
-        def held(result):
-            arrays = [v[...] for _, v in nnx.to_flat_state(nnx.state(result.model))]
-            return sum(s.data.nbytes for a in arrays for s in a.addressable_shards)
+        def held(llm):
+            return sum(s.data.nbytes for a in jax.tree.leaves(llm.params) for s in a.addressable_shards)
 
         if mode == "shardlm_1dev":
-            load = lambda: loader.load(src, dtype=jnp.bfloat16)  # noqa: E731
+            load = lambda: LLM.load(src, dtype="bfloat16")
         elif mode == "shardlm_8dev_2d":
-            from shardlm.engine.llm import Placement
-            from shardlm.models.config import ModelConfig
-
-            def sharding_for(config: ModelConfig):
-                p = Placement.make(config, mesh_shape={"x": 2, "y": 2, "z": 2}, layout="2d_weight_stationary")
-                return p.decode_rules.sharding_fn(p.mesh)
-
             assert jax.device_count() == 8
-            load = lambda: loader.load(src, dtype=jnp.bfloat16, sharding_for=sharding_for)  # noqa: E731
+            load = lambda: LLM.load(src, dtype="bfloat16", mesh_shape={"x": 2, "y": 2, "z": 2},
+                                    layout="2d_weight_stationary")
         elif mode == "convert":
-            load = lambda: convert.convert(src, dst, dtype="bf16", force=True)  # noqa: E731
-            held = lambda _: 0  # noqa: E731
+            load = lambda: convert.convert(src, dst, dtype="bf16", force=True)
+            held = lambda _: 0
         elif mode == "restore_1dev":
-            load = lambda: loader.load(dst, dtype=None)  # noqa: E731
+            load = lambda: LLM.load(dst, dtype=None)
         else:
             raise ValueError(mode)
     before = _status_kib()
@@ -191,25 +178,6 @@ def child(mode: str, src: str, dst: str) -> dict:
     after = _status_kib()
     return {"mode": mode, "seconds": seconds, "held_bytes": held(result), "before_kib": before,
             "peak_kib": sampler.peak, "after_kib": after}
-
-
-class Others:
-    """CPU share other processes (and steal) took while a section ran: the machine's busy time minus
-    this process's and its children's (decode_cpu.Others counts this process only; loads run in children)."""
-
-    def __init__(self, cpu_stat):
-        self.cpu_stat = cpu_stat  # decode_cpu._cpu_stat: the machine's busy CPU seconds so far
-        self.sections: dict[str, float] = {}
-        self._open = None
-
-    def begin(self, name: str) -> None:
-        self._open = (name, time.perf_counter(), self.cpu_stat()[0], sum(os.times()[:4]))
-
-    def end(self) -> None:
-        name, w0, b0, o0 = self._open
-        cap = (time.perf_counter() - w0) * os.cpu_count()
-        others = (self.cpu_stat()[0] - b0) - (sum(os.times()[:4]) - o0)
-        self.sections[name] = max(0.0, others / cap)
 
 
 def run_child(mode: str, src: str, dst: str) -> dict:
@@ -248,9 +216,7 @@ def main(argv=None) -> dict:
         print(json.dumps(child(args.child, args.src, args.dst)))
         return {}
 
-    from decode_cpu import _cpu_stat, machine, source_state
-
-    OTHERS = Others(_cpu_stat)
+    OTHERS = Others(children=True)  # each load runs in a child process
 
     src, dst = os.path.join(args.dir, "hf"), os.path.join(args.dir, "shardlm")
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -263,7 +229,7 @@ def main(argv=None) -> dict:
     write_checkpoint(src)
     files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.endswith(".safetensors"))
     ckpt_bytes = sum(os.path.getsize(f) for f in files)
-    n_params = sum(int(__import__("math").prod(s)) for _, s in hf_tensors())
+    n_params = sum(math.prod(s) for _, s in hf_tensors())
     res.update(checkpoint_bytes=ckpt_bytes, n_params=n_params, shards=len(files))
     log(f"checkpoint: {n_params / 1e9:.3f} B parameters, bf16, {len(files)} safetensors shards, "
         f"{ckpt_bytes / 2**30:.2f} GiB ({src})")
@@ -298,11 +264,7 @@ def main(argv=None) -> dict:
         "droppable page cache). others: CPU share other processes on the machine took during the run "
         "(the machine was shared). held: bytes of the arrays the process holds at the end (convert: none).")
     res["wall_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "load_memory.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(args.out_dir, "load_memory.txt"), "w") as f:
-        f.write("\n".join(_lines) + "\n")
+    write_results(args.out_dir, "load_memory", res, log.lines)
     return res
 
 

@@ -18,12 +18,12 @@ then `--steps` timed `Engine.generate` steps, the host reading every step's toke
 loop does. Throughput = B / median step; per-token latency = the median step (every sequence gets
 one token per step). MBU = bytes a step must read (all weights once, plus the KV cache up to the
 context: the attention reads every slot of it, masked) / median step / the JAX [8192, 8192] float32
-matrix-vector bandwidth sampled right after the row (decode_cpu.local_bandwidth).
+matrix-vector bandwidth sampled right after the row (common.local_bandwidth).
 
 The 8 virtual devices share the host's 2 cores and its memory bandwidth, and their collectives are
 memory copies: this measures the engine's overheads (ticks, bubble, collectives) on CPU, not what a
 pipeline buys on chips with their own memory (see README). Other processes' share of the CPU during
-each row is recorded (decode_cpu.Others) and printed next to it.
+each row is recorded (common.Others) and printed next to it.
 
 Writes benchmarks/results/pipeline_cpu.json and pipeline_cpu.txt.
 """
@@ -38,21 +38,29 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from decode_cpu import OTHERS, RESULTS_DIR, local_bandwidth, median, wait_until_quiet  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from shardlm.engine import Engine  # noqa: E402
 from shardlm.engine.llm import Placement  # noqa: E402
 from shardlm.models.config import preset  # noqa: E402
 from shardlm.models.llama import Llama  # noqa: E402
-from shardlm.sharding.pipeline import bubble_fraction, microbatches_for, stage_transfer_bytes  # noqa: E402
+from shardlm.sharding.pipeline import bubble_fraction, microbatches_for, stage_transfer_bytes, stages_in  # noqa: E402
+
+from common import (  # noqa: E402
+    OTHERS,
+    RESULTS_DIR,
+    Log,
+    kv_bytes_per_step,
+    local_bandwidth,
+    median,
+    run_steps,
+    timed_steps,
+    wait_until_quiet,
+    write_results,
+)
 
 CONFIG = preset("smollm2-135m").replace(name="smollm2-135m-32l", n_layers=32)
 PLACEMENTS = [  # name, mesh, layout
@@ -64,39 +72,23 @@ PLACEMENTS = [  # name, mesh, layout
     ("stage=8", {"stage": 8}, "replicated"),
 ]
 
-_lines: list[str] = []
-
-
-def log(line: str = "") -> None:
-    print(line, flush=True)
-    _lines.append(line)
+log = Log()
 
 
 def time_decode(engine, params, context: int, steps: int, warmup: int) -> dict:
     B = engine.batch_size
-    state = engine.init_decode_state()
+    state = engine.init_decode_state()  # every row's cache holds `context` tokens (zeros: timing only)
     lengths = jax.device_put(np.full((B,), context, np.int32), state.cache.lengths.sharding)
     state = dataclasses.replace(state, cache=state.cache.replace(lengths=lengths))
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        state, tokens = engine.generate(params, state)
-    jax.block_until_ready(tokens)
-    warmup_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, tokens = engine.generate(params, state)
-        np.asarray(tokens)
-        times.append(time.perf_counter() - t0)
+    state, warmup_s = run_steps(engine, params, state, warmup)
+    state, times, _ = timed_steps(engine, params, state, steps)
     return {"median_step_s": median(times), "best_step_s": min(times), "tok_s": B / median(times),
             "warmup_s": warmup_s, "times_s": times}
 
 
 def step_bytes(B: int, context: int) -> int:
     """Bytes a decode step reads at least: every weight once, K and V of every layer up to `context`."""
-    c = CONFIG
-    kv = 2 * c.n_layers * B * context * c.n_kv_heads * c.head_dim * 4
-    return c.n_params * 4 + kv
+    return CONFIG.n_params * 4 + kv_bytes_per_step(CONFIG, B, context)
 
 
 def main(args) -> dict:
@@ -111,16 +103,15 @@ def main(args) -> dict:
         for name, mesh, layout in PLACEMENTS:
             quiet = wait_until_quiet(args.max_wait)
             placement = Placement.make(CONFIG, mesh_shape=mesh, layout=layout, batch_size=B)
-            engine = placement.engine(model, B, args.max_seq_len)
+            engine = Engine(model, placement=placement, batch_size=B, max_seq_len=args.max_seq_len)
             OTHERS.begin(f"{name} B={B}")
             r = time_decode(engine, engine.params, args.context, args.steps, args.warmup)
             OTHERS.end()
             bw = local_bandwidth()
-            pipe = engine.pipeline
-            stages = pipe.stages if pipe else 1
-            M = microbatches_for(B, pipe.microbatches) if pipe else 1
+            stages = stages_in(mesh)
+            M = microbatches_for(B, stages) if stages > 1 else 1  # microbatches default to the stages
             r.update(placement=name, mesh=mesh or {}, layout=placement.decode_layout, batch=B, stages=stages,
-                     microbatches=M, bubble_fraction=bubble_fraction(stages, M) if pipe else 0.0,
+                     microbatches=M, bubble_fraction=bubble_fraction(stages, M) if stages > 1 else 0.0,
                      stage_bytes_per_step=stage_transfer_bytes(B, 1, CONFIG.d_model, 4, stages),
                      matvec_bw=bw, mbu=step_bytes(B, args.context) / r["median_step_s"] / bw,
                      others_share=OTHERS.sections[f"{name} B={B}"], quiet_before=quiet)
@@ -168,8 +159,4 @@ if __name__ == "__main__":
     if args.quick:
         args.steps = 8
     result = main(args)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "pipeline_cpu.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out_dir, "pipeline_cpu.txt"), "w") as f:
-        f.write("\n".join(_lines) + "\n")
+    write_results(args.out_dir, "pipeline_cpu", result, log.lines)

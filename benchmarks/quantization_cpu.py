@@ -6,13 +6,13 @@
 For the embedded SmolLM2-135M-Instruct (GGUF, dequantized to float32, then cast or quantized) and a
 TinyLlama-1.1B shape with random weights, at batch 1 and 8, four variants on one device:
 float32, bfloat16, int8 weights (float32 activations and scales), int8 weights + int8 KV cache.
-Decode steps are timed one by one after the prompts are inserted (benchmarks/decode_cpu.py's
-`jax_decode`: compilation excluded, the host reads every step's tokens).
+Decode steps are timed one by one after the prompts are inserted (`common.steady_decode`, as in
+benchmarks/decode_cpu.py: compilation excluded, the host reads every step's tokens).
 
 MBU = bytes a step reads (every parameter once, scales included, plus the KV cache it attends over:
 all S slots) / mean step time / the median bandwidth of a float32 [8192, 8192] matrix-vector product
 sampled around and during the same decode. The share of CPU time other processes took during each
-row is recorded next to it (`Others` from decode_cpu.py): this machine is shared.
+row is recorded next to it (`common.Others`): this machine is shared.
 
 Writes benchmarks/results/quantization_cpu.json and quantization_cpu.txt.
 """
@@ -22,32 +22,32 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from shardlm.checkpoints import loader
+from shardlm.engine import Engine
+from shardlm.models import quant
+from shardlm.models.config import preset
+from shardlm.models.llama import Llama
 
-from decode_cpu import Others, jax_decode, machine, params_nbytes, source_state  # noqa: E402
-from shardlm.checkpoints import loader  # noqa: E402
-from shardlm.engine.engine import Engine  # noqa: E402
-from shardlm.models import quant  # noqa: E402
-from shardlm.models.config import preset  # noqa: E402
-from shardlm.models.llama import Llama  # noqa: E402
+from common import (
+    RESULTS_DIR,
+    Log,
+    Others,
+    cache_nbytes,
+    machine,
+    params_nbytes,
+    source_state,
+    steady_decode,
+    write_results,
+)
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 VARIANTS = ["float32", "bfloat16", "int8", "int8+kv8"]
-_lines: list[str] = []
-
-
-def log(line: str = "") -> None:
-    print(line, flush=True)
-    _lines.append(line)
+log = Log()
 
 
 def cast(model, dtype):
@@ -65,8 +65,7 @@ def variant_model(f32_model, name):
 
 def kv_read_bytes(engine: Engine) -> int:
     """Bytes of the decode cache a step attends over (all S slots of every row, scales included)."""
-    state = jax.eval_shape(engine._init_state_step)
-    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves((state.cache.k, state.cache.v))))
+    return cache_nbytes(engine.init_decode_state())
 
 
 def run_model(label, f32_model, batches, steps, prompt_len, max_seq_len, others):
@@ -80,7 +79,7 @@ def run_model(label, f32_model, batches, steps, prompt_len, max_seq_len, others)
             engine = Engine(model, batch_size=B, max_seq_len=max_seq_len, cache_dtype=cache_dtype)
             section = f"{label} B={B} {name}"
             others.begin(section)
-            d = jax_decode(engine, engine.params, prompts, steps)
+            d = steady_decode(engine, engine.params, prompts, steps)
             others.end()
             weight_bytes, kv_bytes = params_nbytes(engine.params), kv_read_bytes(engine)
             mbu = (weight_bytes + kv_bytes) / d["mean_step_s"] / d["bandwidth"]
@@ -124,13 +123,9 @@ def main(argv=None):
         r["bytes_vs_f32"] = (r["weight_bytes"] + r["kv_bytes"]) / (base["weight_bytes"] + base["kv_bytes"])
         log(f"  {r['model']:10} B={r['batch']} {r['variant']:9} speed x{r['speed_vs_f32']:.2f}  "
             f"bytes read x{r['bytes_vs_f32']:.2f}")
-    os.makedirs(args.out_dir, exist_ok=True)
     result = {"benchmark": "quantization_cpu", "started": started, "steps": steps, "rows": rows,
               "machine": machine(), "source": source_state()}
-    with open(os.path.join(args.out_dir, "quantization_cpu.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out_dir, "quantization_cpu.txt"), "w") as f:
-        f.write("\n".join(_lines) + "\n")
+    write_results(args.out_dir, "quantization_cpu", result, log.lines)
     return result
 
 
