@@ -1,11 +1,12 @@
 # `make demo` and `make test` each set up .venv from nothing (idempotent: the stamps make a second
-# run skip installing) and then generate text / run the test suite.
+# run skip installing) and then generate text / run the test suite. `make quick` runs the tests not
+# marked slow; `make notebooks` executes notebooks/*.ipynb in place, saving their outputs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test setup clean
+.PHONY: demo test quick lint notebooks setup clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +28,23 @@ setup: $(VENV)/.base
 demo: $(VENV)/.base
 	$(VENV)/bin/shardlm generate --chat "What is the capital of France?"
 
-test: $(VENV)/.test
+test: lint
 	$(PY) -m pytest -q
+
+quick: lint
+	$(PY) -m pytest -m "not slow" -q
+
+# ruff comes with the test extras; its settings are in ruff.toml.
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+
+# As tests/test_notebooks.py runs them (nbclient, the venv's python3 kernel, 600 s a cell), then
+# written back with their outputs.
+notebooks: $(VENV)/.test
+	for nb in notebooks/*.ipynb; do \
+	  echo "executing $$nb"; \
+	  $(PY) -c 'import sys, nbclient, nbformat; path = sys.argv[1]; nb = nbformat.read(path, as_version=4); nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": "notebooks"}}).execute(); nbformat.write(nb, path)' "$$nb" || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
