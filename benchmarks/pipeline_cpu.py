@@ -22,7 +22,7 @@ matrix-vector bandwidth sampled right after the row (common.local_bandwidth).
 
 The 8 virtual devices share the host's 2 cores and its memory bandwidth, and their collectives are
 memory copies: this measures the engine's overheads (ticks, bubble, collectives) on CPU, not what a
-pipeline buys on chips with their own memory (see README). Other processes' share of the CPU during
+pipeline buys on chips with their own memory (see results/pipeline_cpu.md). Other processes' share of the CPU during
 each row is recorded (common.Others) and printed next to it.
 
 Writes benchmarks/results/pipeline_cpu.json and pipeline_cpu.txt.
