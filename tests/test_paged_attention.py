@@ -3,7 +3,6 @@ over each sequence's contiguous keys. Pools are filled in shuffled, non-contiguo
 large garbage in every slot a sequence does not own, so a read outside a sequence's pages or past
 its length shows up in the result."""
 
-import functools
 import math
 
 import jax
@@ -192,17 +191,18 @@ def test_equals_the_models_dense_attention(int8_kv):
     cfg = ModelConfig("tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=H, d_ff=64,
                       max_seq_len=64)
     attn = Attention(cfg, jnp.float32, nnx.Rngs(0))
+    model_step = jax.jit(lambda *a: attn(*a))
     rng = np.random.default_rng(6)
-    B, T, S, P, N, K = 3, 24, 64, 16, cfg.n_heads, cfg.n_kv_heads
+    B, T, S, P, K = 3, 24, 64, 16, cfg.n_kv_heads
     lens = [24, 5, 17]  # prompt lengths; the model's rows are padded to T
     shape = (B, S, K, H)
     dense = (lambda: (jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3] + (1,)))) if int8_kv else (lambda: jnp.zeros(shape))
     x = jnp.asarray(rng.standard_normal((B, T, cfg.d_model)), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    want, k_cache, v_cache = attn(x, positions, dense(), dense())
+    want, k_cache, v_cache = model_step(x, positions, dense(), dense())
     x_next = jnp.asarray(rng.standard_normal((B, 1, cfg.d_model)), jnp.float32)
     next_pos = jnp.asarray(lens, jnp.int32)[:, None]
-    want_next, _, _ = attn(x_next, next_pos, k_cache, v_cache)
+    want_next, _, _ = model_step(x_next, next_pos, k_cache, v_cache)
 
     tables, num_pages = _layout(rng, [n + 1 for n in lens], P)
     pool_shape = (num_pages, P, K, H)
@@ -210,17 +210,21 @@ def test_equals_the_models_dense_attention(int8_kv):
         lambda: jnp.zeros(pool_shape))
     inv_freq = rope_frequencies(cfg)
 
-    def step(x, pos, seq_ids, pools, kv_lens, packed):  # x [T_total, D], pos, seq_ids [T_total]
+    @jax.jit
+    def project(x, pos):  # x [T_total, D], pos [T_total] -> q [T_total, N, H], k, v [T_total, K, H]
         q = apply_rope(jnp.einsum("td,dnh->tnh", x, attn.q[...])[None], pos[None], inv_freq)[0]
         k = apply_rope(jnp.einsum("td,dkh->tkh", x, attn.k[...])[None], pos[None], inv_freq)[0]
-        v = jnp.einsum("td,dkh->tkh", x, attn.v[...])
+        return q, k, jnp.einsum("td,dkh->tkh", x, attn.v[...])
+
+    def step(x, pos, seq_ids, pools, kv_lens, packed):  # x [T_total, D], pos, seq_ids [T_total]
+        q, k, v = project(x, pos)
         slots = np.concatenate([_slots(tables, P, b, [p]) for b, p in zip(seq_ids, pos)]).astype(np.int32)
-        pools = write_kv(*pools, k, v, jnp.asarray(slots))
+        pools = jax.jit(write_kv)(*pools, k, v, jnp.asarray(slots))
         kv_lens = jnp.asarray(kv_lens, jnp.int32)
         if packed:
-            out = paged_attention(q, *pools, jnp.asarray(tables), kv_lens, pos, jnp.asarray(seq_ids))
+            out = attend(q, *pools, jnp.asarray(tables), kv_lens, pos, jnp.asarray(seq_ids))
         else:  # decode: one row per sequence
-            out = paged_attention(q[:, None], *pools, jnp.asarray(tables), kv_lens)[:, 0]
+            out = attend(q[:, None], *pools, jnp.asarray(tables), kv_lens)[:, 0]
         return jnp.einsum("tnh,nhd->td", out, attn.o[...]), pools
 
     seq_ids = np.concatenate([[b] * n for b, n in enumerate(lens)]).astype(np.int32)
