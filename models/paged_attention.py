@@ -1,0 +1,146 @@
+"""Attention over a paged KV pool: the portable pure-JAX path (CPU, GPU, TPU).
+
+One pool per layer holds every sequence's keys and values in fixed-size pages:
+k_pages, v_pages [num_pages, P, K, H] (an int8 pool: pairs of int8 [num_pages, P, K, H] and
+scale [num_pages, P, K, 1], one scale per token and head as in models/quant.py). A sequence owns
+the pages listed in its row of `page_tables` [B, max_pages] int32; its token at position j lives
+in page page_tables[b, j // P] at offset j % P, i.e. flat slot page * P + j % P. `kv_lens` [B]
+int32 counts the tokens each sequence holds. engine/kv_pages.py allocates pages and builds the
+tables and slot mappings on the host.
+
+A step that uses it, per layer: `write_kv` scatters the step's new keys/values (every token of
+the step in one flat row, padding tokens at slot -1) into their slots, then `paged_attention`
+reads them back with kv_lens counting the new tokens too:
+- decode: q [B, 1, N, H], row b is sequence b; optionally q [B, T, N, H] with q_positions [B, T]
+  (causal over positions).
+- packed prefill (and prefill chunks after a cached context): q [T_total, N, H] flat, with
+  seq_ids [T_total] (the page-table row of each token, -1 for padding) and q_positions
+  [T_total]; a token at position p of sequence s sees that sequence's positions 0..p only.
+
+The kernel walks the pages in blocks of `pages_per_block` pages with an online (running max and
+sum) softmax in float32, for as many blocks as the longest live sequence of the step needs; so a
+step's cost grows with the live lengths, never with max_pages * P, and no [B, S] score matrix over
+a dense cache is formed. Grouped-query attention: query head n reads kv head n // G, G = N / K.
+Packed queries gather their sequence's page per token; decode and [B, T] rows gather one page
+per row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from shardlm.models import quant
+
+# Logical axes of one layer's pool [num_pages, P, K, H]: split by kv heads like the dense cache.
+KV_PAGES_AXES = ("kv_pages", "page_slot", "attn_kv_heads", "head_dim")
+
+
+def _values(pages):
+    """(values [num_pages, P, K, H], scale [num_pages, P, K, 1] or None) of a float or int8 pool."""
+    return pages if isinstance(pages, tuple) else (pages, None)
+
+
+def write_kv(k_pages, v_pages, k, v, slot_mapping):
+    """k, v [T_total, K, H] written at flat slots `slot_mapping` [T_total] (page * P + offset).
+
+    A slot outside [0, num_pages * P) (padding tokens carry -1) writes nothing. An int8 pool gets
+    the new keys/values quantized per token and head. Returns (k_pages, v_pages)."""
+
+    def write(pages, new):
+        if isinstance(pages, tuple):  # (int8 values, scales)
+            return tuple(write(p, n) for p, n in zip(pages, quant.quantize_kv(new)))
+        num_pages, P = pages.shape[:2]
+        flat = pages.reshape((num_pages * P,) + pages.shape[2:])  # [num_pages * P, K, H]
+        slots = jnp.where((slot_mapping >= 0) & (slot_mapping < num_pages * P), slot_mapping, num_pages * P)
+        flat = flat.at[slots].set(new.astype(flat.dtype), mode="drop")
+        return flat.reshape(pages.shape)
+
+    return write(k_pages, k), write(v_pages, v)
+
+
+def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None, seq_ids=None, *,
+                    scale: float | None = None, pages_per_block: int | None = None):
+    """Attention of q over the pool; returns q's shape and dtype.
+
+    q [B, T, N, H] (row b reads page_tables[b]) with q_positions [B, T], which may be omitted for
+    decode (T = 1: each row sees all kv_lens[b] tokens); or q [T_total, N, H] with seq_ids and
+    q_positions [T_total] (packed). page_tables [B, max_pages] int32, kv_lens [B] int32. A query
+    with seq_id < 0 or position < 0 sees nothing and returns zeros. `scale` defaults to H**-0.5;
+    `pages_per_block` (static) is the number of pages read per loop step, default 64 tokens' worth.
+    """
+    packed = q.ndim == 3
+    if packed:
+        if seq_ids is None or q_positions is None:
+            raise ValueError("packed q [T_total, N, H] needs seq_ids and q_positions [T_total]")
+        rows = q[:, None]  # [R = T_total, 1, N, H]: one query row per token
+        row_seq, pos = seq_ids.astype(jnp.int32), q_positions[:, None].astype(jnp.int32)
+    else:
+        if seq_ids is not None:
+            raise ValueError("seq_ids is for packed q [T_total, N, H]; q [B, T, N, H] row b is sequence b")
+        rows, row_seq = q, jnp.arange(q.shape[0], dtype=jnp.int32)  # [R = B, T, N, H]
+        if q_positions is None:
+            if q.shape[1] != 1:
+                raise ValueError(f"q of shape {q.shape} (T > 1) needs q_positions [B, T]")
+            pos = kv_lens[:, None].astype(jnp.int32) - 1
+        else:
+            pos = q_positions.astype(jnp.int32)
+    out = _attend(rows, k_pages, v_pages, page_tables, kv_lens, row_seq, pos,
+                  q.shape[-1] ** -0.5 if scale is None else scale, pages_per_block)
+    return out[:, 0] if packed else out
+
+
+def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, pages_per_block):
+    """q [R, T, N, H] with row_seq [R] (page-table row of each query row) and pos [R, T]."""
+    R, T, N, H = q.shape
+    k_vals, _ = _values(k_pages)
+    num_pages, P, K, _ = k_vals.shape
+    G = N // K
+    B, max_pages = page_tables.shape
+    ppb = max(1, min(pages_per_block or max(1, 64 // P), max_pages))
+    n_blocks_max = -(-max_pages // ppb)
+    S_blk = ppb * P  # keys per loop step
+
+    valid_row = (row_seq >= 0) & (row_seq < B)
+    seq = jnp.clip(row_seq, 0, B - 1)
+    tables = jnp.clip(page_tables[seq], 0, num_pages - 1)  # [R, max_pages]
+    tables = jnp.pad(tables, ((0, 0), (0, n_blocks_max * ppb - max_pages)))
+    lens = jnp.where(valid_row, kv_lens[seq], 0)  # [R]
+    # Keys visible to query (r, t): positions j < lens[r] and j <= pos[r, t].
+    limit = jnp.minimum(pos + 1, lens[:, None])  # [R, T]
+    n_live = jnp.max(limit, initial=0)
+    n_blocks = jnp.minimum((n_live + S_blk - 1) // S_blk, n_blocks_max)
+
+    qg = q.reshape(R, T, K, G, H)
+
+    def gather(pages, ids):  # pages [num_pages, P, K, h], ids [R, ppb] -> [R, S_blk, K, h]
+        return pages[ids].reshape((R, S_blk) + pages.shape[2:])
+
+    def body(i, carry):
+        m, l, acc = carry  # [R, K, G, T], [R, K, G, T], [R, K, G, T, H] float32
+        ids = jax.lax.dynamic_slice_in_dim(tables, i * ppb, ppb, axis=1)  # [R, ppb]
+        (kb, ks), (vb, vs) = (jax.tree.map(lambda p: gather(p, ids), _values(x)) for x in (k_pages, v_pages))
+        s = jnp.einsum("rtkgh,rskh->rkgts", qg, kb.astype(q.dtype), preferred_element_type=jnp.float32)
+        if ks is not None:  # per-(token, head) scales factor out of the sum over H
+            s = s * jnp.transpose(ks[..., 0], (0, 2, 1))[:, :, None, None, :]
+        s = s * scale
+        j = i * S_blk + jnp.arange(S_blk)  # [S_blk] positions within each sequence
+        visible = j[None, None, :] < limit[:, :, None]  # [R, T, S_blk]
+        s = jnp.where(visible[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[..., None])  # [R, K, G, T, S_blk]; masked keys give exactly 0
+        l = alpha * l + jnp.sum(p, axis=-1)
+        if vs is not None:  # and out of the sum over S, as weights on the probabilities
+            p = p * jnp.transpose(vs[..., 0], (0, 2, 1))[:, :, None, None, :]
+        pv_dtype = q.dtype if vs is not None else vb.dtype
+        pv = jnp.einsum("rkgts,rskh->rkgth", p.astype(pv_dtype), vb.astype(pv_dtype),
+                        preferred_element_type=jnp.float32)
+        return m_new, l, alpha[..., None] * acc + pv
+
+    init = (jnp.full((R, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((R, K, G, T), jnp.float32),
+            jnp.zeros((R, K, G, T, H), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # nothing visible -> zeros
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(R, T, N, H).astype(q.dtype)
