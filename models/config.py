@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -107,7 +108,9 @@ class ModelConfig:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, tensor_names=()) -> "ModelConfig":
-        """From GGUF key/values (see checkpoints.gguf.read_metadata); `tensor_names` tells tying."""
+        """From GGUF key/values (see checkpoints.gguf.read_metadata); `tensor_names` tells tying. Read as
+        llama.cpp reads them; a key that changes the math and that shardlm does not implement (YaRN,
+        a sliding window, partial rotary, ...) is a ValueError naming the key and its value."""
         arch = meta.get("general.architecture")
         if arch not in ("llama", "qwen2"):
             raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2")
@@ -121,8 +124,9 @@ class ModelConfig:
         n_heads = int(get("attention.head_count"))
         d_model = int(get("embedding_length"))
         vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
-        kind = meta.get(f"{arch}.rope.scaling.type", "none")
-        scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor"))) if kind == "linear" else RopeScaling()
+        head_dim = int(meta.get(f"{arch}.attention.key_length", d_model // n_heads))
+        max_pos = int(get("context_length", 8192))
+        _check_gguf_math(meta, arch, head_dim, max_pos, set(tensor_names))
         return cls(
             name=meta.get("general.name", arch),
             vocab_size=int(vocab),
@@ -130,15 +134,16 @@ class ModelConfig:
             n_layers=int(get("block_count")),
             n_heads=n_heads,
             n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=int(meta.get(f"{arch}.attention.key_length", d_model // n_heads)),
+            head_dim=head_dim,
             d_ff=int(get("feed_forward_length")),
-            max_seq_len=int(get("context_length", 8192)),
+            max_seq_len=max_pos,
             rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
+            rope_scaling=_gguf_rope_scaling(meta, arch),
             norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in set(tensor_names),
             qkv_bias=arch == "qwen2",
         )
+
 
 # ----- Hugging Face config.json, as transformers 5 reads it -----
 
@@ -261,6 +266,46 @@ def _hf_rope_dict(p: dict, where: str, hf: dict, max_pos: int, nested: bool) -> 
         original = p.get("original_max_position_embeddings") or max_pos
     return theta, RopeScaling(kind="llama3", factor=float(p["factor"]), low_freq_factor=float(p["low_freq_factor"]),
                               high_freq_factor=float(p["high_freq_factor"]), original_max_position=int(original))
+
+
+# ----- GGUF metadata, as llama.cpp reads it -----
+
+# Keys that change the math if set to anything but their neutral value (absent is neutral).
+_GGUF_NEUTRAL = {"expert_count": 0, "logit_scale": 1.0, "embedding_scale": 1.0, "residual_scale": 1.0,
+                 "attn_logit_softcapping": 0.0, "final_logit_softcapping": 0.0, "attention.causal": True,
+                 "attention.max_alibi_bias": 0.0, "attention.clamp_kqv": 0.0}
+
+
+def _check_gguf_math(meta: dict, arch: str, head_dim: int, max_pos: int, tensor_names: set) -> None:
+    for key, neutral in _GGUF_NEUTRAL.items():
+        value = meta.get(f"{arch}.{key}", neutral)
+        if value != neutral:
+            _refuse(f"{arch}.{key}", value, "shardlm does not implement it")
+    scale = meta.get(f"{arch}.attention.scale", 0.0)  # 0: llama.cpp's 1/sqrt(head_dim)
+    if scale and not math.isclose(scale, head_dim**-0.5, rel_tol=1e-6):
+        _refuse(f"{arch}.attention.scale", scale, f"shardlm scales attention by 1/sqrt(head_dim={head_dim})")
+    for key in ("attention.value_length", "rope.dimension_count"):  # llama.cpp's defaults: head_dim
+        value = meta.get(f"{arch}.{key}", head_dim)
+        if value != head_dim:
+            _refuse(f"{arch}.{key}", value, f"shardlm needs it equal to head_dim={head_dim} (the key length)")
+    window = meta.get(f"{arch}.attention.sliding_window")
+    if window and window < max_pos:  # a window of at least the context masks nothing (see _hf_layer_types)
+        _refuse(f"{arch}.attention.sliding_window", window,
+                f"shardlm has no sliding window (accepted: >= context_length={max_pos})")
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError("tensor rope_freqs.weight (per-frequency RoPE factors, e.g. Llama 3.1's rope scaling) "
+                         "is not supported")
+
+
+def _gguf_rope_scaling(meta: dict, arch: str) -> RopeScaling:
+    # llama.cpp: the type defaults to linear; the factor is rope.scaling.factor, else the older
+    # rope.scale_linear, and 0 means 1; type "none" never scales.
+    kind = meta.get(f"{arch}.rope.scaling.type", "linear")
+    if kind not in ("none", "linear"):
+        _refuse(f"{arch}.rope.scaling.type", kind, "shardlm implements GGUF RoPE scaling none and linear")
+    key = f"{arch}.rope.scaling.factor"
+    factor = float(meta[key] if key in meta else meta.get(f"{arch}.rope.scale_linear", 0.0)) or 1.0
+    return RopeScaling(kind="linear", factor=factor) if kind == "linear" and factor != 1.0 else RopeScaling()
 
 
 _LLAMA3_SCALING = RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

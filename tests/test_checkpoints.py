@@ -527,3 +527,75 @@ def test_refused_config_fields_exit_2(case, small_hf, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
 
+
+# ----- the same audit for GGUF metadata (read as llama.cpp reads it) -----
+
+GGUF_SHAPE = {"block_count": 1, "context_length": 128, "embedding_length": 64, "feed_forward_length": 96,
+              "attention.head_count": 4, "attention.head_count_kv": 2, "vocab_size": 128}  # head_dim 16
+# llama.<key> values -> (rope_theta, RopeScaling) shardlm reads
+GGUF_ROPE = {
+    "nothing": ({}, (10000.0, RopeScaling())),
+    "freq_base": ({"rope.freq_base": 5e5}, (5e5, RopeScaling())),
+    "linear": ({"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}, (1e4, RopeScaling("linear", 4.0))),
+    "factor without a type (linear)": ({"rope.scaling.factor": 2.0}, (1e4, RopeScaling("linear", 2.0))),
+    "older scale_linear key": ({"rope.scale_linear": 3.0}, (1e4, RopeScaling("linear", 3.0))),
+    "type none never scales": ({"rope.scaling.type": "none", "rope.scaling.factor": 4.0}, (1e4, RopeScaling())),
+    "factor 0 means 1": ({"rope.scaling.factor": 0.0}, (1e4, RopeScaling())),
+    "window as long as the context": ({"attention.sliding_window": 128}, (1e4, RopeScaling())),
+    "rope dims = head_dim": ({"rope.dimension_count": 16, "attention.value_length": 16}, (1e4, RopeScaling())),
+    "attention.scale 1/sqrt(head_dim)": ({"attention.scale": 0.25}, (1e4, RopeScaling())),
+}
+
+
+@pytest.mark.parametrize("case", GGUF_ROPE)
+def test_gguf_rope_keys(case):
+    from shardlm.models.config import ModelConfig
+
+    keys, expected = GGUF_ROPE[case]
+    meta = {"general.architecture": "llama", **{f"llama.{k}": v for k, v in {**GGUF_SHAPE, **keys}.items()}}
+    config = ModelConfig.from_gguf_metadata(meta, ["output.weight"])
+    assert (config.rope_theta, config.rope_scaling) == expected
+
+
+def _tiny_gguf(path, tensors=(), **keys):
+    """A GGUF with the shape keys, `keys` (llama.<key> -> value) and a few tensors: enough for inspect."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    typed = {bool: w.add_bool, int: w.add_uint32, float: w.add_float32, str: w.add_string}
+    for key, value in {**GGUF_SHAPE, **keys}.items():
+        typed[type(value)](f"llama.{key}", value)
+    w.add_tensor("token_embd.weight", np.zeros((128, 64), np.float32))
+    w.add_tensor("output_norm.weight", np.ones(64, np.float32))
+    for name in tensors:
+        w.add_tensor(name, np.ones(8, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+GGUF_REFUSED = {
+    "yarn": ({"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}, "llama.rope.scaling.type='yarn'"),
+    "longrope": ({"rope.scaling.type": "longrope"}, "llama.rope.scaling.type='longrope'"),
+    "sliding window": ({"attention.sliding_window": 64}, "llama.attention.sliding_window=64"),
+    "partial rotary": ({"rope.dimension_count": 8}, "llama.rope.dimension_count=8"),
+    "value length": ({"attention.value_length": 32}, "llama.attention.value_length=32"),
+    "attention scale": ({"attention.scale": 0.5}, "llama.attention.scale=0.5"),
+    "experts": ({"expert_count": 8}, "llama.expert_count=8"),
+    "logit softcapping": ({"final_logit_softcapping": 30.0}, "llama.final_logit_softcapping=30.0"),
+    "not causal": ({"attention.causal": False}, "llama.attention.causal=False"),
+    "rope_freqs tensor": ({"tensors": ["rope_freqs.weight"]}, "tensor rope_freqs.weight"),
+}
+
+
+@pytest.mark.parametrize("case", GGUF_REFUSED)
+def test_gguf_refused_keys_exit_2(case, tmp_path, capsys):
+    keys, message = GGUF_REFUSED[case]
+    assert main(["inspect", _tiny_gguf(tmp_path / "ok.gguf")]) == 0  # the same file without the key loads
+    capsys.readouterr()
+    path = _tiny_gguf(tmp_path / "bad.gguf", **keys)
+    assert main(["inspect", path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: ") and message in err, err
