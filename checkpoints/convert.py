@@ -65,6 +65,7 @@ def describe(path: str) -> dict:
             raise CheckpointError(f"{path} is neither a shardlm checkpoint nor a Hugging Face model folder")
         fmt, config = "huggingface", hf.read_config(path)
         weights = hf.HFWeights(path)
+        hf.check_head_dim(weights, config)
         for name, shape in weights.shape_of.items():
             dtypes[weights.dtype_of[name]] += math.prod(shape)
         files = sorted(set(weights.file_of.values()))

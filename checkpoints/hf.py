@@ -49,6 +49,18 @@ def read_config(folder: str) -> ModelConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def check_head_dim(weights: "HFWeights", config: ModelConfig) -> None:
+    """The config's head_dim (given, or hidden_size / num_attention_heads) against layer 0's q_proj,
+    so that a wrong head_dim is named as such rather than as a tensor of the wrong shape."""
+    name = "model.layers.0.self_attn.q_proj.weight"
+    shape = weights.shape_of.get(name)
+    if shape is not None and len(shape) == 2 and shape[0] != config.n_heads * config.head_dim:
+        rows = config.n_heads * config.head_dim
+        raise CheckpointError(f"{os.path.join(weights.folder, CONFIG_FILE)}: head_dim={config.head_dim} with "
+                              f"num_attention_heads={config.n_heads} needs {name} of {rows} rows, but its "
+                              f"shape is {list(shape)}")
+
+
 def _read_header(path: str) -> tuple[dict, int]:
     """The checked JSON header of a safetensors file and the offset where its data starts."""
     try:
@@ -203,6 +215,7 @@ def param_slice_source(weights: HFWeights, config: ModelConfig) -> Callable[[tup
         add(p + "mlp/gate", hf + "mlp.gate_proj.weight", transposed, (F, D))
         add(p + "mlp/up", hf + "mlp.up_proj.weight", transposed, (F, D))
         add(p + "mlp/down", hf + "mlp.down_proj.weight", transposed, (D, F))
+    check_head_dim(weights, config)
     for _, hf_shape, name in readers.values():
         weights.check(name, hf_shape)
 

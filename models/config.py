@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -65,43 +66,51 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "ModelConfig":
-        """From a Hugging Face config.json (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+        """From a Hugging Face config.json (Llama 2/3, Mistral, Qwen2, SmolLM2), read as transformers 5 reads
+        it: RoPE from `rope_parameters` (what transformers 5 writes) or the legacy top-level `rope_theta` /
+        `rope_scaling`. A field that changes the model's math and that shardlm does not implement is a
+        ValueError naming the field and its value; fields that do not (dropout, token ids, dtype, ...)
+        are ignored."""
         model_type = hf.get("model_type", "")
-        if model_type not in ("llama", "mistral", "qwen2"):
+        if model_type not in _HF_DEFAULTS:
             raise ValueError(f"unsupported architecture {model_type!r} ({hf.get('architectures')}); "
                              "supported model_type: llama, mistral, qwen2")
-        n_heads = hf["num_attention_heads"]
-        rs = hf.get("rope_scaling") or {}
-        kind = rs.get("rope_type", rs.get("type", "none")) if rs else "none"
-        if kind == "default":
-            kind = "none"
-        scaling = RopeScaling(
-            kind=kind,
-            factor=float(rs.get("factor", 1.0)),
-            low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-            original_max_position=int(rs.get("original_max_position_embeddings", 8192)),
-        )
+        defaults = _HF_DEFAULTS[model_type]
+        n_heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
+        head_dim = hf.get("head_dim")
+        if not head_dim:
+            if d_model % n_heads:
+                raise ValueError(f"head_dim is not given and hidden_size={d_model} is not a multiple of "
+                                 f"num_attention_heads={n_heads}")
+            head_dim = d_model // n_heads
+        max_pos = int(hf.get("max_position_embeddings", defaults["max_position_embeddings"]))
+        _check_hf_math(hf, model_type)
+        layer_types = _hf_layer_types(hf, model_type, max_pos)
+        rope_theta, scaling = _hf_rope(hf, layer_types, max_pos)
+        n_kv_heads = hf["num_key_value_heads"] if "num_key_value_heads" in hf else defaults["num_key_value_heads"]
         return cls(
             name=hf.get("_name_or_path") or model_type,
             vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
+            d_model=d_model,
             n_layers=hf["num_hidden_layers"],
             n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            n_kv_heads=n_kv_heads or n_heads,
+            head_dim=head_dim,
             d_ff=hf["intermediate_size"],
-            max_seq_len=hf.get("max_position_embeddings", 8192),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            max_seq_len=max_pos,
+            rope_theta=rope_theta,
             rope_scaling=scaling,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            # Qwen2's q/k/v biases are built in; transformers' Mistral and Qwen2 ignore `attention_bias`.
+            qkv_bias=model_type == "qwen2",
         )
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, tensor_names=()) -> "ModelConfig":
-        """From GGUF key/values (see checkpoints.gguf.read_metadata); `tensor_names` tells tying."""
+        """From GGUF key/values (see checkpoints.gguf.read_metadata); `tensor_names` tells tying. Read as
+        llama.cpp reads them; a key that changes the math and that shardlm does not implement (YaRN,
+        a sliding window, partial rotary, ...) is a ValueError naming the key and its value."""
         arch = meta.get("general.architecture")
         if arch not in ("llama", "qwen2"):
             raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2")
@@ -115,8 +124,9 @@ class ModelConfig:
         n_heads = int(get("attention.head_count"))
         d_model = int(get("embedding_length"))
         vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
-        kind = meta.get(f"{arch}.rope.scaling.type", "none")
-        scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor"))) if kind == "linear" else RopeScaling()
+        head_dim = int(meta.get(f"{arch}.attention.key_length", d_model // n_heads))
+        max_pos = int(get("context_length", 8192))
+        _check_gguf_math(meta, arch, head_dim, max_pos, set(tensor_names))
         return cls(
             name=meta.get("general.name", arch),
             vocab_size=int(vocab),
@@ -124,15 +134,178 @@ class ModelConfig:
             n_layers=int(get("block_count")),
             n_heads=n_heads,
             n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=int(meta.get(f"{arch}.attention.key_length", d_model // n_heads)),
+            head_dim=head_dim,
             d_ff=int(get("feed_forward_length")),
-            max_seq_len=int(get("context_length", 8192)),
+            max_seq_len=max_pos,
             rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
+            rope_scaling=_gguf_rope_scaling(meta, arch),
             norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in set(tensor_names),
             qkv_bias=arch == "qwen2",
         )
+
+
+# ----- Hugging Face config.json, as transformers 5 reads it -----
+
+# transformers' values for fields a config.json leaves out, where they differ by family.
+_HF_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None},
+    "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096},
+}
+_HF_ROPE_TYPES = ("default", "linear", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
+
+
+def _refuse(field: str, value, why: str):
+    raise ValueError(f"{field}={value!r} is not supported: {why}")
+
+
+def _check_hf_math(hf: dict, model_type: str) -> None:
+    """Refuse the fields (other than RoPE and attention windows) that change the math and that
+    shardlm does not implement."""
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):  # transformers' ACT2FN: both are x * sigmoid(x)
+        _refuse("hidden_act", act, "shardlm's MLP is SwiGLU (silu)")
+    if model_type == "llama":  # transformers' Mistral and Qwen2 hard-code their biases and ignore these
+        for field in ("attention_bias", "mlp_bias"):  # attention_bias adds o_proj's bias too
+            if hf.get(field):
+                _refuse(field, hf[field], "shardlm's Llama has no projection biases")
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        _refuse("quantization_config.quant_method", method, "shardlm reads float weights (bf16/f16/f32)")
+
+
+def _hf_layer_types(hf: dict, model_type: str, max_pos: int) -> list[str]:
+    """Each layer's attention type; refuses a sliding window that masks anything within max_pos.
+
+    shardlm attends to the whole context. transformers' window W masks the keys at or before q - W,
+    and no position reaches max_position_embeddings (the Engine caps max_seq_len there), so a window
+    of at least max_position_embeddings is plain causal attention and is accepted."""
+    n_layers = hf["num_hidden_layers"]
+    full = ["full_attention"] * n_layers
+    if model_type == "llama":  # transformers' Llama has no sliding window: both fields are ignored
+        return hf.get("layer_types") or full
+    if model_type == "mistral":  # one window for every layer; transformers ignores Mistral's layer_types
+        window = hf.get("sliding_window", _HF_DEFAULTS["mistral"]["sliding_window"])
+        if window is not None and window < max_pos:
+            default = "" if "sliding_window" in hf else ", transformers' default when absent"
+            _refuse("sliding_window", window, f"shardlm has no sliding window (accepted: null or >= "
+                                              f"max_position_embeddings={max_pos}{default})")
+        return full
+    # qwen2: the window applies only with use_sliding_window, to layers from max_window_layers on
+    window = hf.get("sliding_window", _HF_DEFAULTS["qwen2"]["sliding_window"]) if hf.get("use_sliding_window") \
+        else None
+    types = hf.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= hf.get("max_window_layers", 28) else "full_attention"
+        for i in range(n_layers)]
+    types = ["full_attention" if t == "attention" else t for t in types]  # transformers' legacy name
+    for t in types:
+        if t not in ("full_attention", "sliding_attention"):
+            _refuse("layer_types", t, "qwen2 layers are full_attention or sliding_attention")
+    if "sliding_attention" in types:
+        if window is None:
+            _refuse("sliding_window", window, "layer_types has sliding_attention layers without a window "
+                                              "(use_sliding_window false or sliding_window null)")
+        if window < max_pos:
+            _refuse("sliding_window", window, f"shardlm has no sliding window (use_sliding_window is true and "
+                                              f"layer_types has sliding_attention layers; accepted: >= "
+                                              f"max_position_embeddings={max_pos})")
+    return types
+
+
+def _hf_rope(hf: dict, layer_types: list[str], max_pos: int) -> tuple[float, RopeScaling]:
+    """rope_theta and scaling. As transformers: a legacy `rope_scaling` dict replaces `rope_parameters`;
+    a dict's missing rope_theta / partial_rotary_factor come from the top level (rope_theta then
+    defaults to 10000). Families with layer types may nest one dict per type: the types in use must
+    agree, since shardlm has one RoPE for all layers."""
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(where) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}={params!r} is not a JSON object")
+    if not any(isinstance(v, dict) for v in params.values()):
+        return _hf_rope_dict(params, where, hf, max_pos, nested=False)
+    used = list(dict.fromkeys(layer_types))
+    for t in used:
+        if not isinstance(params.get(t), dict):
+            raise ValueError(f"{where} has no RoPE parameters for layer type {t!r} (it has {sorted(params)})")
+    found = {t: _hf_rope_dict(params[t], f"{where}.{t}", hf, max_pos, nested=True) for t in used}
+    if len(set(found.values())) > 1:
+        _refuse(where, {t: params[t] for t in used}, "the layer types differ and shardlm has one RoPE for all layers")
+    return found[used[0]]
+
+
+def _hf_rope_dict(p: dict, where: str, hf: dict, max_pos: int, nested: bool) -> tuple[float, RopeScaling]:
+    def first(key):  # the dict's value, else the top level's (named for errors), else None
+        if p.get(key) is not None:
+            return p[key], f"{where}.{key}"
+        return hf.get(key), key
+
+    type_key = "rope_type" if "rope_type" in p else "type"
+    kind = p.get(type_key) or "default"
+    if kind not in _HF_ROPE_TYPES:
+        _refuse(f"{where}.{type_key}", kind, f"shardlm implements RoPE types {', '.join(_HF_ROPE_TYPES)}")
+    theta, _ = first("rope_theta")
+    partial, name = first("partial_rotary_factor")
+    if partial is not None and float(partial) != 1.0:
+        _refuse(name, partial, "shardlm rotates the whole head (partial_rotary_factor 1)")
+    needed = {"default": (), "linear": ("factor",), "llama3": _LLAMA3_KEYS}[kind]
+    missing = [k for k in needed if p.get(k) is None]
+    if missing:
+        raise ValueError(f"{where}: rope_type {kind!r} needs {', '.join(missing)}")
+    theta = 10000.0 if theta is None else float(theta)
+    if kind == "default":
+        return theta, RopeScaling()
+    if kind == "linear":
+        return theta, RopeScaling(kind="linear", factor=float(p["factor"]))
+    # llama3: a top-level original_max_position_embeddings wins over the dict's (transformers, for
+    # Phi-3-style configs; not for nested dicts); max_position_embeddings when neither has it
+    original = hf.get("original_max_position_embeddings") if not nested else None
+    if original is None:
+        original = p.get("original_max_position_embeddings") or max_pos
+    return theta, RopeScaling(kind="llama3", factor=float(p["factor"]), low_freq_factor=float(p["low_freq_factor"]),
+                              high_freq_factor=float(p["high_freq_factor"]), original_max_position=int(original))
+
+
+# ----- GGUF metadata, as llama.cpp reads it -----
+
+# Keys that change the math if set to anything but their neutral value (absent is neutral).
+_GGUF_NEUTRAL = {"expert_count": 0, "logit_scale": 1.0, "embedding_scale": 1.0, "residual_scale": 1.0,
+                 "attn_logit_softcapping": 0.0, "final_logit_softcapping": 0.0, "attention.causal": True,
+                 "attention.max_alibi_bias": 0.0, "attention.clamp_kqv": 0.0}
+
+
+def _check_gguf_math(meta: dict, arch: str, head_dim: int, max_pos: int, tensor_names: set) -> None:
+    for key, neutral in _GGUF_NEUTRAL.items():
+        value = meta.get(f"{arch}.{key}", neutral)
+        if value != neutral:
+            _refuse(f"{arch}.{key}", value, "shardlm does not implement it")
+    scale = meta.get(f"{arch}.attention.scale", 0.0)  # 0: llama.cpp's 1/sqrt(head_dim)
+    if scale and not math.isclose(scale, head_dim**-0.5, rel_tol=1e-6):
+        _refuse(f"{arch}.attention.scale", scale, f"shardlm scales attention by 1/sqrt(head_dim={head_dim})")
+    for key in ("attention.value_length", "rope.dimension_count"):  # llama.cpp's defaults: head_dim
+        value = meta.get(f"{arch}.{key}", head_dim)
+        if value != head_dim:
+            _refuse(f"{arch}.{key}", value, f"shardlm needs it equal to head_dim={head_dim} (the key length)")
+    window = meta.get(f"{arch}.attention.sliding_window")
+    if window and window < max_pos:  # a window of at least the context masks nothing (see _hf_layer_types)
+        _refuse(f"{arch}.attention.sliding_window", window,
+                f"shardlm has no sliding window (accepted: >= context_length={max_pos})")
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError("tensor rope_freqs.weight (per-frequency RoPE factors, e.g. Llama 3.1's rope scaling) "
+                         "is not supported")
+
+
+def _gguf_rope_scaling(meta: dict, arch: str) -> RopeScaling:
+    # llama.cpp: the type defaults to linear; the factor is rope.scaling.factor, else the older
+    # rope.scale_linear, and 0 means 1; type "none" never scales.
+    kind = meta.get(f"{arch}.rope.scaling.type", "linear")
+    if kind not in ("none", "linear"):
+        _refuse(f"{arch}.rope.scaling.type", kind, "shardlm implements GGUF RoPE scaling none and linear")
+    key = f"{arch}.rope.scaling.factor"
+    factor = float(meta[key] if key in meta else meta.get(f"{arch}.rope.scale_linear", 0.0)) or 1.0
+    return RopeScaling(kind="linear", factor=factor) if kind == "linear" and factor != 1.0 else RopeScaling()
 
 
 _LLAMA3_SCALING = RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -3,6 +3,7 @@ and layouts gives the same tokens; bad input is a clear error that writes nothin
 
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -17,10 +18,12 @@ from shardlm.checkpoints import loader, orbax_io
 from shardlm.checkpoints.convert import convert, describe
 from shardlm.checkpoints.gguf import CheckpointError
 from shardlm.checkpoints.hf import HFWeights, load_tokenizer
+from shardlm.checkpoints.hf import read_config as hf_read_config
 from shardlm.checkpoints.tokenizer import tokenizer_from_file
 from shardlm.engine import Engine, SamplingParams
 from shardlm.engine.cli import main
 from shardlm.engine.llm import LLM
+from shardlm.models.config import RopeScaling
 from shardlm.sharding.placement import Placement
 
 PROMPT = [1, 5, 9, 33, 100, 7, 64]
@@ -28,20 +31,28 @@ SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
              num_key_value_heads=2, max_position_embeddings=128)
 
 
-def _hf_model(family: str):
+def _hf_model(family: str, sharpen: float = 1.0, **config):
+    """A random HF model of SMALL's shapes (with `config` over them); `sharpen` scales q/k/v/o so that
+    attention, and so positions, decide the tokens (at 1, the logits hardly depend on RoPE)."""
     import transformers
 
     torch.manual_seed(0)
+    kw = dict(SMALL, **config)
     if family == "llama":  # tied embeddings, GQA
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, tie_word_embeddings=True))
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, tie_word_embeddings=True))
     elif family == "mistral":  # untied lm_head
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, tie_word_embeddings=False))
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**kw, tie_word_embeddings=False))
     else:  # qwen2: attention biases, untied
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL, tie_word_embeddings=False))
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, tie_word_embeddings=False))
     with torch.no_grad():  # non-zero norms and biases, so every tensor's mapping is exercised
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
+        if sharpen != 1.0:
+            for layer in model.model.layers:
+                a = layer.self_attn
+                for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj):
+                    proj.weight.mul_(sharpen)
     return model.eval()
 
 
@@ -62,13 +73,20 @@ def hf_case(request, tmp_path_factory):
     return request.param, folder, logits, greedy
 
 
-def _logits(model):
+def _logits(model, prompt=PROMPT):
     engine = Engine(model, batch_size=1, max_seq_len=model.cfg.max_seq_len)
-    return np.asarray(engine.forward(engine.params, [PROMPT])[0])
+    return np.asarray(engine.forward(engine.params, [prompt])[0])
 
 
-def _greedy(llm):
-    return llm.generate([PROMPT], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+def _greedy(llm, prompt=PROMPT):
+    return llm.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+
+
+def _hf_greedy(model, prompt=PROMPT):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
 
 
 def test_hf_import_and_convert_equal_transformers(hf_case, tmp_path):
@@ -276,3 +294,304 @@ def test_not_a_model(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         convert(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+# ----- RoPE and the other config fields, in both config.json layouts -----
+
+# Past 1,024 positions, where RoPE's theta and llama3 scaling (original context 256) decide the tokens.
+LONG_PROMPT = np.random.default_rng(0).integers(0, SMALL["vocab_size"], 1100).tolist()
+LONG_ROPE = {
+    "llama": dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=256),
+    "mistral": dict(rope_type="default", rope_theta=1e6),
+    "qwen2": dict(rope_type="default", rope_theta=1e6),
+}
+
+
+DROP = object()
+
+
+def _edit_config(folder, **changes):
+    """Set config.json fields (None writes null; DROP deletes the field)."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    for key, value in changes.items():
+        if value is DROP:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+def _legacy_copy(folder, dst):
+    """`folder` with config.json in the layout before transformers 5: top-level rope_theta and rope_scaling."""
+    shutil.copytree(folder, dst)
+    with open(os.path.join(folder, "config.json")) as f:
+        rope = dict(json.load(f)["rope_parameters"])
+    theta = rope.pop("rope_theta")
+    _edit_config(dst, rope_parameters=DROP, rope_theta=theta,
+                 rope_scaling=rope if rope["rope_type"] != "default" else None)
+    return str(dst)
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def long_case(request, tmp_path_factory):
+    """A random model saved by transformers' save_pretrained (rope_parameters; Mistral keeps its default
+    sliding_window 4096, above max_position_embeddings 2048), a legacy-layout copy, and HF's logits and
+    greedy tokens for LONG_PROMPT."""
+    import transformers
+
+    family = request.param
+    model = _hf_model(family, sharpen=6.0, max_position_embeddings=2048, rope_parameters=dict(LONG_ROPE[family]))
+    root = tmp_path_factory.mktemp(f"long-{family}")
+    folders = {"rope_parameters": _save_hf(model, root / "hf")}
+    with open(os.path.join(folders["rope_parameters"], "config.json")) as f:
+        written = json.load(f)
+    assert "rope_theta" not in written and written["rope_parameters"]["rope_theta"] == LONG_ROPE[family]["rope_theta"]
+    folders["legacy"] = _legacy_copy(folders["rope_parameters"], root / "legacy")
+    # transformers reads the legacy copy as the same RoPE
+    assert (transformers.AutoConfig.from_pretrained(folders["legacy"]).rope_parameters
+            == transformers.AutoConfig.from_pretrained(folders["rope_parameters"]).rope_parameters)
+    with torch.no_grad():
+        logits = model(torch.tensor([LONG_PROMPT])).logits[0].numpy()
+    return family, folders, logits, _hf_greedy(model, LONG_PROMPT)
+
+
+@pytest.mark.parametrize("layout", ["rope_parameters", "legacy"])
+def test_long_prompt_rope_equals_transformers(long_case, layout):
+    """Llama 3 (llama3 scaling, theta 500000), Mistral and Qwen2 (theta 1e6), both config layouts: logits
+    within 1e-5 of HF over 1,100 positions and the same greedy tokens."""
+    family, folders, ref_logits, ref_greedy = long_case
+    loaded = loader.load(folders[layout])
+    rope = LONG_ROPE[family]
+    assert loaded.config.rope_theta == rope["rope_theta"]
+    assert loaded.config.rope_scaling.kind == ("llama3" if family == "llama" else "none")
+    np.testing.assert_allclose(_logits(loaded.model, LONG_PROMPT), ref_logits, atol=1e-5, rtol=1e-5)
+    assert _greedy(LLM.load(folders[layout], batch_size=1, max_seq_len=1152), LONG_PROMPT) == ref_greedy
+
+
+def test_long_prompt_depends_on_rope(long_case, tmp_path):
+    """The test above can fail: the same weights with the RoPE fields dropped (theta 10000, no scaling:
+    what shardlm read from these folders before) are far from HF's logits and change the argmax at
+    over a tenth of the positions."""
+    _, folders, ref_logits, _ = long_case
+    folder = shutil.copytree(folders["rope_parameters"], tmp_path / "no-rope")
+    _edit_config(folder, rope_parameters=DROP)
+    loaded = loader.load(str(folder))
+    assert loaded.config.rope_theta == 10000.0 and loaded.config.rope_scaling.kind == "none"
+    logits = _logits(loaded.model, LONG_PROMPT)
+    assert np.abs(logits - ref_logits).max() > 0.05
+    assert (logits.argmax(-1) != ref_logits.argmax(-1)).mean() > 0.1
+
+
+def _rope_of(hf_rope: dict):
+    """(theta, RopeScaling) from transformers' standardized rope_parameters."""
+    kind = hf_rope["rope_type"]
+    scaling = RopeScaling()
+    if kind == "linear":
+        scaling = RopeScaling("linear", factor=hf_rope["factor"])
+    elif kind == "llama3":
+        scaling = RopeScaling("llama3", factor=hf_rope["factor"], low_freq_factor=hf_rope["low_freq_factor"],
+                              high_freq_factor=hf_rope["high_freq_factor"],
+                              original_max_position=hf_rope["original_max_position_embeddings"])
+    return hf_rope["rope_theta"], scaling
+
+
+LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+# config.json RoPE fields (over a Mistral config without any): each read as transformers reads it.
+ROPE_LAYOUTS = {
+    "nothing": {},
+    "top-level theta": dict(rope_theta=1e6),
+    "rope_parameters": dict(rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+    "rope_parameters without theta": dict(rope_theta=5e5, rope_parameters=dict(rope_type="linear", factor=2.0)),
+    "theta in both": dict(rope_theta=5e5, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+    "legacy rope_scaling wins": dict(rope_theta=5e5, rope_scaling=dict(type="linear", factor=4.0),
+                                     rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+    "legacy llama3": dict(rope_theta=5e5, rope_scaling=dict(rope_type="llama3", **LLAMA3,
+                                                            original_max_position_embeddings=64)),
+    "llama3 without original": dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, **LLAMA3)),
+    "top-level original wins": dict(original_max_position_embeddings=32, rope_parameters=dict(
+        rope_type="llama3", rope_theta=5e5, **LLAMA3, original_max_position_embeddings=64)),
+    "unused keys": dict(rope_parameters=dict(rope_type="default", rope_theta=1e6, factor=3.0,
+                                             partial_rotary_factor=1.0)),
+}
+
+
+@pytest.mark.parametrize("case", ROPE_LAYOUTS)
+def test_rope_fields_read_as_transformers_reads_them(case, good_hf, tmp_path):
+    import transformers
+
+    folder = shutil.copytree(good_hf, tmp_path / "hf")
+    _edit_config(folder, rope_parameters=DROP, rope_theta=DROP, rope_scaling=DROP)
+    _edit_config(folder, **ROPE_LAYOUTS[case])
+    hf_config = transformers.AutoConfig.from_pretrained(folder)
+    hf_config.standardize_rope_params()  # as transformers' RoPE init functions do before reading it
+    config = hf_read_config(str(folder))
+    assert (config.rope_theta, config.rope_scaling) == _rope_of(hf_config.rope_parameters)
+
+
+def _per_layer_rope(full_theta, sliding_theta):
+    rope = {"full_attention": dict(rope_type="default", rope_theta=full_theta),
+            "sliding_attention": dict(rope_type="default", rope_theta=sliding_theta)}
+    # a window as long as the context: sliding_attention layers that attend like full ones
+    return dict(rope_parameters=rope, use_sliding_window=True, sliding_window=128,
+                layer_types=["full_attention", "sliding_attention"])
+
+
+# config.json fields that shardlm implements, or that do not change the math: (family, fields, check).
+ACCEPTED = {
+    "mistral window null": ("mistral", dict(sliding_window=None), None),
+    "mistral window = context": ("mistral", dict(sliding_window=128), None),
+    "qwen2 window unused": ("qwen2", dict(use_sliding_window=False, sliding_window=64), None),
+    "llama window (not a llama field)": ("llama", dict(sliding_window=64), None),
+    "mistral attention_bias (ignored by transformers)": ("mistral", dict(attention_bias=True), None),
+    "swish": ("llama", dict(hidden_act="swish"), None),
+    "no rms_norm_eps": ("llama", dict(rms_norm_eps=DROP), lambda c: c.norm_eps == 1e-6),
+    "same RoPE per layer type": ("qwen2", _per_layer_rope(1e6, 1e6), lambda c: c.rope_theta == 1e6),
+    "ignored fields": ("llama", dict(attention_dropout=0.1, pretraining_tp=2, use_cache=False, pad_token_id=0,
+                                     dtype="bfloat16", initializer_range=0.5), None),
+}
+
+
+@pytest.fixture(scope="module")
+def small_hf(tmp_path_factory):
+    """family -> a saved random model of SMALL's shapes, written once."""
+    folders = {}
+
+    def folder(family):
+        if family not in folders:
+            folders[family] = _save_hf(_hf_model(family), tmp_path_factory.mktemp(f"small-{family}") / "hf")
+        return folders[family]
+
+    return folder
+
+
+@pytest.mark.parametrize("case", ACCEPTED)
+def test_accepted_config_fields(case, small_hf, tmp_path):
+    family, fields, check = ACCEPTED[case]
+    folder = shutil.copytree(small_hf(family), tmp_path / "hf")
+    _edit_config(folder, **fields)
+    config = loader.load(str(folder)).config
+    assert check is None or check(config)
+
+
+# config.json fields that change the math and that shardlm does not implement: (family, fields, the
+# one line's text). Each is exit 2 through the CLI, naming the field and its value.
+REFUSED = {
+    "yarn": ("mistral", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                                  original_max_position_embeddings=32)),
+             "rope_parameters.rope_type='yarn' is not supported"),
+    "dynamic (legacy layout)": ("llama", dict(rope_scaling=dict(type="dynamic", factor=2.0)),
+                                "rope_scaling.type='dynamic' is not supported"),
+    "longrope": ("mistral", dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 8,
+                                                      long_factor=[2.0] * 8, original_max_position_embeddings=32)),
+                 "rope_parameters.rope_type='longrope' is not supported"),
+    "partial rotary": ("qwen2", dict(rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                          partial_rotary_factor=0.5)),
+                       "rope_parameters.partial_rotary_factor=0.5 is not supported"),
+    "partial rotary (top level)": ("llama", dict(partial_rotary_factor=0.25),
+                                   "partial_rotary_factor=0.25 is not supported"),
+    "llama3 incomplete": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0)),
+                          "rope_type 'llama3' needs low_freq_factor, high_freq_factor"),
+    "mlp_bias": ("llama", dict(mlp_bias=True), "mlp_bias=True is not supported"),
+    "attention_bias": ("llama", dict(attention_bias=True), "attention_bias=True is not supported"),
+    "mistral window": ("mistral", dict(sliding_window=64), "sliding_window=64 is not supported"),
+    "mistral default window": ("mistral", dict(sliding_window=DROP, max_position_embeddings=8192),
+                               "sliding_window=4096 is not supported"),
+    "qwen2 window": ("qwen2", dict(use_sliding_window=True, sliding_window=64, max_window_layers=1, layer_types=DROP),
+                     "sliding_window=64 is not supported"),
+    "RoPE differs per layer type": ("qwen2", _per_layer_rope(1e6, 1e4), "the layer types differ"),
+    "head_dim": ("mistral", dict(head_dim=32), "head_dim=32 with num_attention_heads=4 needs"),
+    "hidden_act": ("mistral", dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    "quantized": ("llama", dict(quantization_config=dict(quant_method="gptq", bits=4)),
+                  "quantization_config.quant_method='gptq' is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_refused_config_fields_exit_2(case, small_hf, tmp_path, capsys):
+    family, fields, message = REFUSED[case]
+    folder = shutil.copytree(small_hf(family), tmp_path / "hf")
+    _edit_config(folder, **fields)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        loader.load(str(folder))
+    argv = ["generate", "--model", str(folder), "hi"] if case == "yarn" else ["inspect", str(folder)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # generate's "loading model ..." status line comes first
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+# ----- the same audit for GGUF metadata (read as llama.cpp reads it) -----
+
+GGUF_SHAPE = {"block_count": 1, "context_length": 128, "embedding_length": 64, "feed_forward_length": 96,
+              "attention.head_count": 4, "attention.head_count_kv": 2, "vocab_size": 128}  # head_dim 16
+# llama.<key> values -> (rope_theta, RopeScaling) shardlm reads
+GGUF_ROPE = {
+    "nothing": ({}, (10000.0, RopeScaling())),
+    "freq_base": ({"rope.freq_base": 5e5}, (5e5, RopeScaling())),
+    "linear": ({"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}, (1e4, RopeScaling("linear", 4.0))),
+    "factor without a type (linear)": ({"rope.scaling.factor": 2.0}, (1e4, RopeScaling("linear", 2.0))),
+    "older scale_linear key": ({"rope.scale_linear": 3.0}, (1e4, RopeScaling("linear", 3.0))),
+    "type none never scales": ({"rope.scaling.type": "none", "rope.scaling.factor": 4.0}, (1e4, RopeScaling())),
+    "factor 0 means 1": ({"rope.scaling.factor": 0.0}, (1e4, RopeScaling())),
+    "window as long as the context": ({"attention.sliding_window": 128}, (1e4, RopeScaling())),
+    "rope dims = head_dim": ({"rope.dimension_count": 16, "attention.value_length": 16}, (1e4, RopeScaling())),
+    "attention.scale 1/sqrt(head_dim)": ({"attention.scale": 0.25}, (1e4, RopeScaling())),
+}
+
+
+@pytest.mark.parametrize("case", GGUF_ROPE)
+def test_gguf_rope_keys(case):
+    from shardlm.models.config import ModelConfig
+
+    keys, expected = GGUF_ROPE[case]
+    meta = {"general.architecture": "llama", **{f"llama.{k}": v for k, v in {**GGUF_SHAPE, **keys}.items()}}
+    config = ModelConfig.from_gguf_metadata(meta, ["output.weight"])
+    assert (config.rope_theta, config.rope_scaling) == expected
+
+
+def _tiny_gguf(path, tensors=(), **keys):
+    """A GGUF with the shape keys, `keys` (llama.<key> -> value) and a few tensors: enough for inspect."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    typed = {bool: w.add_bool, int: w.add_uint32, float: w.add_float32, str: w.add_string}
+    for key, value in {**GGUF_SHAPE, **keys}.items():
+        typed[type(value)](f"llama.{key}", value)
+    w.add_tensor("token_embd.weight", np.zeros((128, 64), np.float32))
+    w.add_tensor("output_norm.weight", np.ones(64, np.float32))
+    for name in tensors:
+        w.add_tensor(name, np.ones(8, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+GGUF_REFUSED = {
+    "yarn": ({"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}, "llama.rope.scaling.type='yarn'"),
+    "longrope": ({"rope.scaling.type": "longrope"}, "llama.rope.scaling.type='longrope'"),
+    "sliding window": ({"attention.sliding_window": 64}, "llama.attention.sliding_window=64"),
+    "partial rotary": ({"rope.dimension_count": 8}, "llama.rope.dimension_count=8"),
+    "value length": ({"attention.value_length": 32}, "llama.attention.value_length=32"),
+    "attention scale": ({"attention.scale": 0.5}, "llama.attention.scale=0.5"),
+    "experts": ({"expert_count": 8}, "llama.expert_count=8"),
+    "logit softcapping": ({"final_logit_softcapping": 30.0}, "llama.final_logit_softcapping=30.0"),
+    "not causal": ({"attention.causal": False}, "llama.attention.causal=False"),
+    "rope_freqs tensor": ({"tensors": ["rope_freqs.weight"]}, "tensor rope_freqs.weight"),
+}
+
+
+@pytest.mark.parametrize("case", GGUF_REFUSED)
+def test_gguf_refused_keys_exit_2(case, tmp_path, capsys):
+    keys, message = GGUF_REFUSED[case]
+    assert main(["inspect", _tiny_gguf(tmp_path / "ok.gguf")]) == 0  # the same file without the key loads
+    capsys.readouterr()
+    path = _tiny_gguf(tmp_path / "bad.gguf", **keys)
+    assert main(["inspect", path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: ") and message in err, err
