@@ -125,7 +125,7 @@ def load(path: str | None = None, *, dtype=jnp.float32, sharding_for=None, progr
     abstract = abstract_model(config, dtype, quantize)
     source = param_source(weights, config)
     if quantize:
-        source = quant.quantized_source(source, nnx.state(abstract))
+        source = quant.quantized_source(source, abstract)
     model = materialize(abstract, source, sharding_for(config) if sharding_for else _single_device_sharding, progress)
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path)
 
@@ -159,7 +159,7 @@ def _load_folder(path: str, dtype, sharding_for, progress, quantize=None) -> Loa
         tokenizer = hf.load_tokenizer(path)
         abstract = abstract_model(config, jnp.float32 if dtype is None else dtype, quantize)
         if quantize:
-            source = quant.quantized_source(source, nnx.state(abstract), sliced=True)
+            source = quant.quantized_source(source, abstract, sliced=True)
         model = materialize_sliced(abstract, source,
                                    sharding_for(config) if sharding_for else _single_device_sharding, progress)
         return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path)
