@@ -8,8 +8,8 @@ names its dimensions; sharding/ maps the names to mesh axes. Glossary: B batch, 
 S cached sequence, D d_model, N query heads, K kv heads, G = N/K, H head dim, F d_ff, V vocab.
 
 Forward: `model(tokens [B,T], positions [B,T], cache) -> (logits [B,T,V], cache)`. `cache` is any
-pytree with per-layer lists `k`, `v` of [B,S,K,H] (an int8 cache: pairs of int8 [B,S,K,H] and
-scale [B,S,K,1]) and a `replace(k=, v=)` method (engine.KVCache). `quantize="int8"`
+pytree with per-layer lists `k`, `v` of [B,S,K,H] (an int8 cache: quant.QuantizedKV of int8
+[B,S,K,H] and scale [B,S,K,1]) and a `replace(k=, v=)` method (engine.KVCache). `quantize="int8"`
 holds each weight as a quant.QuantizedWeight (int8 with per-output-channel scales, models/quant.py).
 New keys/values are written at their absolute positions (contiguous within a row); a query at
 position p attends to cache slots 0..p, so padded tokens after a prompt never leak into it.
@@ -135,12 +135,15 @@ class Attention(nnx.Module):
         # positions[:, 0]); a per-row update that the partitioner keeps local under batch sharding.
         write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (p, 0, 0)))
         cache_axes = ("attn_batch", "cache_seq", "attn_kv_heads", "head_dim")
-        # An int8 cache is a pair (int8 [B,S,K,H], scale [B,S,K,1]): one scale per token and head.
-        int8_kv = isinstance(k_cache, tuple)
+        # An int8 cache is a quant.QuantizedKV (int8 [B,S,K,H], scale [B,S,K,1]): one scale per token and head.
+        int8_kv = isinstance(k_cache, quant.QuantizedKV)
         new_k, new_v = (quant.quantize_kv(k), quant.quantize_kv(v)) if int8_kv else (k, v)
         k_cache = jax.tree.map(lambda c, u: shard(write(c, u, positions[:, 0]), cache_axes), k_cache, new_k)
         v_cache = jax.tree.map(lambda c, u: shard(write(c, u, positions[:, 0]), cache_axes), v_cache, new_v)
-        (k_vals, k_scale), (v_vals, v_scale) = (k_cache, v_cache) if int8_kv else ((k_cache, None), (v_cache, None))
+        if int8_kv:
+            (k_vals, k_scale), (v_vals, v_scale) = (k_cache.values, k_cache.scale), (v_cache.values, v_cache.scale)
+        else:
+            (k_vals, k_scale), (v_vals, v_scale) = (k_cache, None), (v_cache, None)
 
         S = k_vals.shape[1]
         qg = q.reshape(B, T, K, G, H)

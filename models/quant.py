@@ -1,4 +1,4 @@
-"""Symmetric int8 quantization: weights per output channel (as typed values), the KV cache per token
+"""Symmetric int8 quantization as typed values: weights per output channel, the KV cache per token
 and head.
 
 - `QArray(values, scale, contract)`: a quantized weight as the matmul sees it, a pytree (through
@@ -10,11 +10,12 @@ and head.
 - `QuantizedWeight`: the same weight as model state, an nnx.Module holding `values` and `scale`
   Params with their own logical axes (the scale's: the weight's output dims, so it shards like
   them). A module holds it in place of the float weight's Param; `w[...]` gives the QArray.
+- `QuantizedKV(values, scale)`: one layer's int8 keys or values [B,S,K,H] with one float32 scale per
+  token and head [B,S,K,1] (engine/kv_cache.py creates it, models/llama.py Attention writes it).
 
 Quantized: every projection (q, k, v, o, gate, up, down), the embedding table (per vocabulary row,
 which for tied embeddings is also the output channel of the lm_head) and an untied lm_head (per
-vocabulary column). Norm scales and biases stay in the model's float dtype. The KV cache stores
-int8 values [B,S,K,H] with one scale per token and head [B,S,K,1].
+vocabulary column). Norm scales and biases stay in the model's float dtype.
 """
 
 from __future__ import annotations
@@ -194,11 +195,20 @@ def _quantize_jit(w, contract):
 # ----- the KV cache -----
 
 
-def quantize_kv(x):
-    """x [B,T,K,H] -> (int8 [B,T,K,H], f32 scale [B,T,K,1]): one scale per token and head."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedKV:
+    """One layer's int8 cache of keys or values: x ~= values * scale."""
+
+    values: jax.Array  # int8 [B, S, K, H]
+    scale: jax.Array  # float32 [B, S, K, 1]: one per token and head
+
+
+def quantize_kv(x) -> QuantizedKV:
+    """x [B,T,K,H] -> QuantizedKV(int8 [B,T,K,H], f32 scale [B,T,K,1]): one scale per token and head."""
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+    return QuantizedKV(jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale)
 
 
 def weight_bytes(model: nnx.Module) -> dict:

@@ -195,7 +195,9 @@ def test_int8_kv_cache_holds_int8_and_per_token_head_scales():
     placement = Placement.make(model.cfg, mesh_shape=MESH, layout="2d_weight_stationary", batch_size=8)
     engine = placement.engine(model, 8, 64, jnp.int8)
     state = engine.init_decode_state()
-    values, scale = state.cache.k[0]
+    k = state.cache.k[0]
+    assert isinstance(k, quant.QuantizedKV)
+    values, scale = k.values, k.scale
     assert values.dtype == jnp.int8 and values.shape == (8, 64, 8, 32)
     assert scale.shape == (8, 64, 8, 1)
     assert values.sharding.shard_shape(values.shape)[:3] == scale.sharding.shard_shape(scale.shape)[:3]
