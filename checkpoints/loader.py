@@ -143,7 +143,7 @@ def load(path: str | None = None, *, placement: Placement | None = None, dtype=j
     abstract = abstract_model(config, dtype, quantize)
     source = param_source(weights, config)
     if quantize:
-        source = quant.quantized_source(source, nnx.state(abstract))
+        source = quant.quantized_source(source, abstract)
     model = materialize(abstract, whole_tensor_reader(source, abstract), placement, progress)
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path)
 
@@ -175,6 +175,6 @@ def _load_folder(path: str, dtype, placement, progress, quantize=None) -> Loaded
     tokenizer = hf.load_tokenizer(path)
     abstract = abstract_model(config, jnp.float32 if dtype is None else dtype, quantize)
     if quantize:
-        source = quant.quantized_source(source, nnx.state(abstract), sliced=True)
+        source = quant.quantized_source(source, abstract, sliced=True)
     model = materialize(abstract, source, placement, progress)
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path)

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-from typing import Callable
 
 import jax
 import numpy as np

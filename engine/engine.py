@@ -86,6 +86,8 @@ class Step:
     cache_dtype: Any
     batch_size: int
     max_seq_len: int
+    _key: tuple = dataclasses.field(init=False, repr=False)
+    _hash: int = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         key = (self.cfg, self.graphdef, self.strategy, self.mesh, self.rules, str(jnp.dtype(self.cache_dtype)),

@@ -8,9 +8,9 @@ names its dimensions; sharding/ maps the names to mesh axes. Glossary: B batch, 
 S cached sequence, D d_model, N query heads, K kv heads, G = N/K, H head dim, F d_ff, V vocab.
 
 Forward: `model(tokens [B,T], positions [B,T], cache) -> (logits [B,T,V], cache)`. `cache` is any
-pytree with per-layer lists `k`, `v` of [B,S,K,H] (an int8 cache: pairs of int8 [B,S,K,H] and
-scale [B,S,K,1]) and a `replace(k=, v=)` method (engine.KVCache). `quantize="int8"` gives int8
-weights with per-output-channel scales (models/quant.py).
+pytree with per-layer lists `k`, `v` of [B,S,K,H] (an int8 cache: quant.QuantizedKV of int8
+[B,S,K,H] and scale [B,S,K,1]) and a `replace(k=, v=)` method (engine.KVCache). `quantize="int8"`
+holds each weight as a quant.QuantizedWeight (int8 with per-output-channel scales, models/quant.py).
 New keys/values are written at their absolute positions (contiguous within a row); a query at
 position p attends to cache slots 0..p, so padded tokens after a prompt never leak into it.
 """
@@ -30,12 +30,16 @@ from shardlm.sharding.blocks import project_in, project_out
 from shardlm.sharding.rules import KV_CACHE_AXES, gather_weight, shard
 
 
-def _axes(var: nnx.Param) -> tuple[str, ...]:
-    return var.get_metadata()["axes"]
+def _axes(var) -> tuple[str, ...]:
+    """Logical axes of a Param or a quant.QuantizedWeight (its int8 values')."""
+    return var.axes
 
 
-def _w(var: nnx.Param):
-    """A weight's value as used outside the projection blocks (gathered under weight-gathered layouts)."""
+def _w(var):
+    """A weight's value as used outside the projection blocks (gathered under weight-gathered layouts):
+    an array, or a QArray whose values and scale are each gathered by their own axes."""
+    if isinstance(var, quant.QuantizedWeight):
+        return quant.QArray(_w(var.values), _w(var.scale), var.contract)
     return gather_weight(var[...], _axes(var))
 
 
@@ -49,24 +53,16 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, init:
     return nnx.Param(value, axes=axes)
 
 
-def _add_weight(module, name: str, param: nnx.Param, quantize: str | None):
-    """module.<name> = the weight, int8 with module.<name>_scale when quantized (models/quant.py)."""
-    weight, scale = quant.weight_param(param[...], _axes(param), quantize, name)
-    setattr(module, name, weight)
-    if scale is not None:
-        setattr(module, name + "_scale", scale)
-
-
-def _scale(module, name: str):
-    """The per-output-channel scale of a quantized weight, or None."""
-    scale = getattr(module, name + "_scale", None)
-    return None if scale is None else scale[...]
+def _weight(param: nnx.Param, quantize: str | None, contract: tuple[int, ...]):
+    """A matmul's weight: the Param, or a quant.QuantizedWeight of it when quantizing; `contract`: the
+    dims the matmul sums over (the scale covers the others)."""
+    return quant.weight_param(param[...], _axes(param), quantize, contract)
 
 
 def _ws(module, names):
-    """Values, logical axes and scales (None unless quantized) of a block's projection weights."""
+    """Values (arrays or QArrays) and logical axes of a block's projection weights."""
     weights = [getattr(module, n) for n in names]
-    return [w[...] for w in weights], [_axes(w) for w in weights], [_scale(module, n) for n in names]
+    return [w[...] for w in weights], [_axes(w) for w in weights]
 
 
 class RMSNorm(nnx.Module):
@@ -109,11 +105,11 @@ def apply_rope(x, positions, inv_freq):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantize: str | None = None):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        _add_weight(self, "q", _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype, D**-0.5), quantize)
-        _add_weight(self, "k", _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5), quantize)
-        _add_weight(self, "v", _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5), quantize)
-        _add_weight(self, "o", _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype, (N * H) ** -0.5),
-                    quantize)
+        self.q = _weight(_param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype, D**-0.5), quantize, (0,))
+        self.k = _weight(_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5), quantize, (0,))
+        self.v = _weight(_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5), quantize, (0,))
+        self.o = _weight(_param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype, (N * H) ** -0.5),
+                         quantize, (0, 1))
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (N, H), ("q_heads", "head_dim"), dtype, init="zeros")
             self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
@@ -139,12 +135,15 @@ class Attention(nnx.Module):
         # positions[:, 0]); a per-row update that the partitioner keeps local under batch sharding.
         write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (p, 0, 0)))
         cache_axes = KV_CACHE_AXES
-        # An int8 cache is a pair (int8 [B,S,K,H], scale [B,S,K,1]): one scale per token and head.
-        int8_kv = isinstance(k_cache, tuple)
+        # An int8 cache is a quant.QuantizedKV (int8 [B,S,K,H], scale [B,S,K,1]): one scale per token and head.
+        int8_kv = isinstance(k_cache, quant.QuantizedKV)
         new_k, new_v = (quant.quantize_kv(k), quant.quantize_kv(v)) if int8_kv else (k, v)
         k_cache = jax.tree.map(lambda c, u: shard(write(c, u, positions[:, 0]), cache_axes), k_cache, new_k)
         v_cache = jax.tree.map(lambda c, u: shard(write(c, u, positions[:, 0]), cache_axes), v_cache, new_v)
-        (k_vals, k_scale), (v_vals, v_scale) = (k_cache, v_cache) if int8_kv else ((k_cache, None), (v_cache, None))
+        if int8_kv:
+            (k_vals, k_scale), (v_vals, v_scale) = (k_cache.values, k_cache.scale), (v_cache.values, v_cache.scale)
+        else:
+            (k_vals, k_scale), (v_vals, v_scale) = (k_cache, None), (v_cache, None)
 
         S = k_vals.shape[1]
         qg = q.reshape(B, T, K, G, H)
@@ -161,19 +160,19 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v_vals.astype(probs.dtype)).reshape(B, T, K * G, H)
         out = out.astype(x.dtype)
         out = shard(out, ("attn_batch", "seq", "attn_heads", "head_dim"))
-        return project_out(out, self.o[...], _axes(self.o), _scale(self, "o")), k_cache, v_cache
+        return project_out(out, self.o[...], _axes(self.o)), k_cache, v_cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantize: str | None = None):
         D, F = cfg.d_model, cfg.d_ff
-        _add_weight(self, "gate", _param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5), quantize)
-        _add_weight(self, "up", _param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5), quantize)
-        _add_weight(self, "down", _param(rngs, (F, D), ("mlp", "embed"), dtype, F**-0.5), quantize)
+        self.gate = _weight(_param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5), quantize, (0,))
+        self.up = _weight(_param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5), quantize, (0,))
+        self.down = _weight(_param(rngs, (F, D), ("mlp", "embed"), dtype, F**-0.5), quantize, (0,))
 
     def __call__(self, x):
         gate, up = project_in(x, *_ws(self, ("gate", "up")))
-        return project_out(jax.nn.silu(gate) * up, self.down[...], _axes(self.down), _scale(self, "down"))
+        return project_out(jax.nn.silu(gate) * up, self.down[...], _axes(self.down))
 
 
 class Block(nnx.Module):
@@ -197,14 +196,17 @@ class Llama(nnx.Module):
         """quantize: None (full precision) or "int8" (weights, embedding and lm_head; models/quant.py)."""
         self.cfg = cfg
         quantize = quant.check_mode(quantize)
-        _add_weight(self, "embed", _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, 1.0), quantize)
+        # The table's scale is per vocabulary row (contract D), which for tied embeddings is also the
+        # lm_head's output channel.
+        self.embed = _weight(_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dtype, 1.0), quantize,
+                             (1,))
         # One module (and one weight array per projection) per layer: unrolled at trace time, which
         # decodes faster than a scan over stacked weights (see DESIGN.md, measured on CPU).
         self.layers = nnx.List([Block(cfg, dtype, rngs, quantize) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
         if not cfg.tie_embeddings:
-            _add_weight(self, "lm_head", _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype,
-                                                cfg.d_model**-0.5), quantize)
+            self.lm_head = _weight(_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype,
+                                          cfg.d_model**-0.5), quantize, (0,))
 
     def __call__(self, tokens, positions, cache, logits_index=None, layers=None):
         """tokens, positions [B,T] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B]), cache.
@@ -230,10 +232,11 @@ class Llama(nnx.Module):
         """tokens [B,T] -> residual [B,T,D]."""
         # Look up rows in the table's own D sharding, then move to the residual's: XLA 0.11's
         # partitioner aborts on a gather whose output is split further than its operand.
-        x = _w(self.embed)[tokens]
-        if _scale(self, "embed") is not None:  # int8 rows times their scales
-            scale = gather_weight(self.embed_scale[...], _axes(self.embed_scale))
-            x = x.astype(scale.dtype) * scale[tokens][..., None]
+        table = _w(self.embed)
+        if isinstance(table, quant.QArray):  # int8 rows times their scales
+            x = table.values[tokens].astype(table.scale.dtype) * table.scale[tokens][..., None]
+        else:
+            x = table[tokens]
         x = shard(x, ("batch", "seq", "act_embed_lookup"))
         return shard(x, ("batch", "seq", "act_embed"))  # [B, T, D]
 
@@ -243,10 +246,7 @@ class Llama(nnx.Module):
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # [B, 1, D]
         x = self.final_norm(x)
         name = "embed" if self.cfg.tie_embeddings else "lm_head"
-        w = _w(getattr(self, name)).astype(x.dtype)
+        w = _w(getattr(self, name))  # an int8 QArray's per-vocabulary scales apply to the logits
         eq = "btd,vd->btv" if self.cfg.tie_embeddings else "btd,dv->btv"
-        logits = jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
-        if _scale(self, name) is not None:  # the per-vocabulary scales of the int8 table
-            scale_var = getattr(self, name + "_scale")
-            logits = logits * gather_weight(scale_var[...], _axes(scale_var)).astype(jnp.float32)
+        logits = quant.einsum(eq, x, w, preferred_element_type=jnp.float32)
         return shard(logits, ("batch", "seq", "act_vocab"))

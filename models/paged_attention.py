@@ -117,7 +117,7 @@ def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, page
         return pages[ids].reshape((R, S_blk) + pages.shape[2:])
 
     def body(i, carry):
-        m, l, acc = carry  # [R, K, G, T], [R, K, G, T], [R, K, G, T, H] float32
+        m, denom, acc = carry  # [R, K, G, T], [R, K, G, T], [R, K, G, T, H] float32
         ids = jax.lax.dynamic_slice_in_dim(tables, i * ppb, ppb, axis=1)  # [R, ppb]
         (kb, ks), (vb, vs) = (jax.tree.map(lambda p: gather(p, ids), _values(x)) for x in (k_pages, v_pages))
         s = jnp.einsum("rtkgh,rskh->rkgts", qg, kb.astype(q.dtype), preferred_element_type=jnp.float32)
@@ -131,16 +131,16 @@ def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, page
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[..., None])  # [R, K, G, T, S_blk]; masked keys give exactly 0
-        l = alpha * l + jnp.sum(p, axis=-1)
+        denom = alpha * denom + jnp.sum(p, axis=-1)
         if vs is not None:  # and out of the sum over S, as weights on the probabilities
             p = p * jnp.transpose(vs[..., 0], (0, 2, 1))[:, :, None, None, :]
         pv_dtype = q.dtype if vs is not None else vb.dtype
         pv = jnp.einsum("rkgts,rskh->rkgth", p.astype(pv_dtype), vb.astype(pv_dtype),
                         preferred_element_type=jnp.float32)
-        return m_new, l, alpha[..., None] * acc + pv
+        return m_new, denom, alpha[..., None] * acc + pv
 
     init = (jnp.full((R, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((R, K, G, T), jnp.float32),
             jnp.zeros((R, K, G, T, H), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # nothing visible -> zeros
+    _, denom, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # nothing visible -> zeros
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(R, T, N, H).astype(q.dtype)

@@ -16,9 +16,10 @@ weight-gathered over G: E_w = (), F_w = yz - G. A dimension that its axes do not
 with an all-reduce instead of a reduce-scatter (partial replication). Without active rules, or for
 shapes the scheme does not cover, the plain einsum runs and the partitioner decides.
 
-An int8 weight (models/quant.py) comes with its per-output-channel scale; the local matmul reads the
-int8 shard and multiplies its (partial) output by the scale shard, which commutes with the partial
-sums, so the scale is applied before the reduce-scatter and the collectives are unchanged.
+A weight is a float array or a QArray (sharding/qarray.py) (int8 values and per-output-channel scales, sharded as
+the weight's output dims); the local matmul reads the int8 shard and multiplies its (partial)
+output by the scale shard, which commutes with the partial sums, so the scale is applied before the
+reduce-scatter and the collectives are unchanged.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from shardlm.sharding import rules as _rules
 from shardlm.sharding.compat import shard_map
+from shardlm.sharding.qarray import QArray, einsum
 
 RESIDUAL = ("batch", "seq", "act_embed")
 
@@ -47,8 +48,20 @@ def _size(mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def _gather_weight(w, spec: PartitionSpec, gathered: tuple[str, ...]):
-    """All-gather a weight's local shard over the gathered mesh axes, dimension by dimension."""
+def _weight_spec(w, spec: PartitionSpec):
+    """The shard_map spec of a weight: its own, or for a QArray the values' and the scale's (the
+    weight's spec without its contracted dims)."""
+    if not isinstance(w, QArray):
+        return spec
+    return QArray(spec, PartitionSpec(*(e for d, e in enumerate(spec) if d not in w.contract)), w.contract)
+
+
+def _gather_weight(w, spec, gathered: tuple[str, ...]):
+    """All-gather a weight's local shard over the gathered mesh axes, dimension by dimension (a
+    QArray's values and scale each by its own spec from `_weight_spec`)."""
+    if isinstance(w, QArray):
+        return QArray(_gather_weight(w.values, spec.values, gathered), _gather_weight(w.scale, spec.scale, gathered),
+                      w.contract)
     for dim, entry in enumerate(spec):
         axes = tuple(a for a in _axes(entry) if a in gathered)
         if axes:
@@ -73,44 +86,30 @@ def _plan(mesh, rules, x_shape, w_shape, w_axes, e_dim: int):
     return x_spec, w_spec, e_res, e_w, f_w, scatter_f
 
 
-def _scaled_matmul(eq, x, w, scale):
-    """einsum(eq, x, w) for a float w, or for an int8 w times its per-output-channel scale."""
-    if scale is None:
-        return jnp.einsum(eq, x, w)
-    return (jnp.einsum(eq, x, w.astype(x.dtype)) * scale.astype(x.dtype)).astype(x.dtype)
-
-
-def project_in(x, ws, w_axes, scales=None):
-    """x [B,T,E] (residual layout) times each weight [E, F, ...] -> list of [B,T,F,...].
-
-    scales: per weight None, or the [F, ...] scale of an int8 weight."""
+def project_in(x, ws, w_axes):
+    """x [B,T,E] (residual layout) times each weight [E, F, ...] (an array or a QArray with its
+    scale [F, ...]) -> list of [B,T,F,...]."""
     active = _rules.active()
-    scales = list(scales) if scales is not None else [None] * len(ws)
     letters = "fgh"[: ws[0].ndim - 1]
     eq = f"btd,d{letters}->bt{letters}"
     plans = [active and _plan(active[0], active[1], x.shape, w.shape, a, 0) for w, a in zip(ws, w_axes)]
     if active is None or not all(plans):
-        return [_scaled_matmul(eq, x, w, s) for w, s in zip(ws, scales)]
+        return [einsum(eq, x, w) for w in ws]
     mesh, rules = active
     x_spec = plans[0][0]
     e_res, e_w = plans[0][2], plans[0][3]
     if any(p[2:4] != (e_res, e_w) for p in plans):
-        return [_scaled_matmul(eq, x, w, s) for w, s in zip(ws, scales)]
+        return [einsum(eq, x, w) for w in ws]
     gather_x = tuple(a for a in e_res if a not in e_w)
-    quantized = [i for i, s in enumerate(scales) if s is not None]
-    scale_specs = [PartitionSpec(*plans[i][1][1:]) for i in quantized]  # the weight's output dims
+    w_specs = [_weight_spec(w, p[1]) for w, p in zip(ws, plans)]
 
-    def local(x, *args):
-        ws, local_scales = args[: len(plans)], dict(zip(quantized, args[len(plans):]))
+    def local(x, *ws):
         if gather_x:
             x = jax.lax.all_gather(x, _entry(gather_x), axis=2, tiled=True)  # -> E over E_w
         outs = []
-        for i, (w, (_, w_spec, _, _, _, scatter_f)) in enumerate(zip(ws, plans)):
-            scale = local_scales.get(i)
-            if scale is not None:
-                scale = _gather_weight(scale, PartitionSpec(*w_spec[1:]), rules.gathered)
+        for w, w_spec, (_, _, _, _, _, scatter_f) in zip(ws, w_specs, plans):
             # partial sum over E_w (per-channel scales commute with it)
-            y = _scaled_matmul(eq, x, _gather_weight(w, w_spec, rules.gathered), scale)
+            y = einsum(eq, x, _gather_weight(w, w_spec, rules.gathered))
             if e_w and scatter_f:
                 y = jax.lax.psum_scatter(y, _entry(e_w), scatter_dimension=2, tiled=True)
             elif e_w:
@@ -120,22 +119,27 @@ def project_in(x, ws, w_axes, scales=None):
 
     out_specs = tuple(PartitionSpec(x_spec[0], x_spec[1], _entry(p[4] + (p[3] if p[5] else ())),
                                     *([None] * (ws[i].ndim - 2))) for i, p in enumerate(plans))
-    in_specs = (x_spec,) + tuple(p[1] for p in plans) + tuple(scale_specs)
-    fn = shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-    return list(fn(x, *ws, *[scales[i] for i in quantized]))
+    fn = shard_map(local, mesh=mesh, in_specs=(x_spec, *w_specs), out_specs=out_specs)
+    return list(fn(x, *ws))
 
 
-def project_out(h, w, w_axes, scale=None):
-    """h [B,T,F,...] times the weight [F, ..., E] -> [B,T,E] in the residual layout.
+def _flatten_in(w):
+    """A weight [F, ..., E] as [F*..., E]; a QArray's scale [E] is unchanged."""
+    if isinstance(w, QArray):
+        return QArray(w.values.reshape(-1, w.shape[-1]), w.scale, (0,))
+    return w.reshape(-1, w.shape[-1])
 
-    scale: None, or the [E] scale of an int8 weight."""
+
+def project_out(h, w, w_axes):
+    """h [B,T,F,...] times the weight [F, ..., E] (an array or a QArray with its scale [E]) -> [B,T,E]
+    in the residual layout."""
     active = _rules.active()
-    def matmul(h, w, scale=None):  # contract the F dims flattened into one (XLA:CPU is ~8x slower on two)
-        return _scaled_matmul("btf,fd->btd", h.reshape(*h.shape[:2], -1), w.reshape(-1, w.shape[-1]), scale)
+    def matmul(h, w):  # contract the F dims flattened into one (XLA:CPU is ~8x slower on two)
+        return einsum("btf,fd->btd", h.reshape(*h.shape[:2], -1), _flatten_in(w))
 
     plan = active and _plan(active[0], active[1], h.shape[:2] + (w.shape[-1],), w.shape, w_axes, w.ndim - 1)
     if active is None or not plan:
-        return _rules.shard(matmul(h, w, scale), RESIDUAL)
+        return _rules.shard(matmul(h, w), RESIDUAL)
     mesh, rules = active
     x_spec, w_spec, e_res, e_w, f_w, scatter_f = plan
     h_f = f_w + (e_w if scatter_f else ())
@@ -143,14 +147,12 @@ def project_out(h, w, w_axes, scale=None):
     e_local = w.shape[-1] // _size(mesh, e_w)
     scatter_e = bool(f_w) and e_local % _size(mesh, f_w) == 0
 
-    scale_spec = PartitionSpec(w_spec[-1])  # the weight's output dim E
+    w_spec = _weight_spec(w, w_spec)
 
-    def local(h, w, scale=None):
+    def local(h, w):
         if e_w and scatter_f:
             h = jax.lax.all_gather(h, _entry(e_w), axis=2, tiled=True)  # F back to F_w
-        if scale is not None:
-            scale = _gather_weight(scale, scale_spec, rules.gathered)
-        y = matmul(h, _gather_weight(w, w_spec, rules.gathered), scale)  # partial sum over F_w
+        y = matmul(h, _gather_weight(w, w_spec, rules.gathered))  # partial sum over F_w
         if f_w and scatter_e:
             y = jax.lax.psum_scatter(y, _entry(f_w), scatter_dimension=2, tiled=True)
         elif f_w:
@@ -159,8 +161,5 @@ def project_out(h, w, w_axes, scale=None):
 
     out_e = e_w + (f_w if scatter_e else ())
     out_spec = PartitionSpec(x_spec[0], x_spec[1], _entry(out_e))
-    if scale is None:
-        y = shard_map(local, mesh=mesh, in_specs=(h_spec, w_spec), out_specs=out_spec)(h, w)
-    else:
-        y = shard_map(local, mesh=mesh, in_specs=(h_spec, w_spec, scale_spec), out_specs=out_spec)(h, w, scale)
+    y = shard_map(local, mesh=mesh, in_specs=(h_spec, w_spec), out_specs=out_spec)(h, w)
     return _rules.shard(y, RESIDUAL)

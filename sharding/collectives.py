@@ -11,8 +11,6 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _OP = re.compile(r"=\s*(?P<result>.+?)\s(?P<kind>" + "|".join(KINDS) + r")(?:-start)?\(")
 _SHAPE = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([\d,]*)\]")

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from shardlm.checkpoints import loader, orbax_io
 from shardlm.checkpoints.convert import convert, describe

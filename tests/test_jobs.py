@@ -22,8 +22,7 @@ import pytest
 
 from shardlm.checkpoints.gguf import read_metadata
 from shardlm.checkpoints.loader import embedded_model_path
-from shardlm.engine import LLM, SamplingParams
-from shardlm.engine import jobs, launch
+from shardlm.engine import LLM, SamplingParams, jobs, launch
 from shardlm.engine.cli import main
 
 MAX_SEQ_LEN = 128

@@ -13,8 +13,8 @@ from shardlm.engine import Engine, SamplingParams, batching
 from shardlm.engine.llm import Placement
 from shardlm.models.config import ModelConfig
 from shardlm.models.llama import Llama
-from shardlm.sharding.collectives import compiled_collectives, per_layer
 from shardlm.sharding import planner
+from shardlm.sharding.collectives import compiled_collectives, per_layer
 from shardlm.sharding.layouts import LAYOUTS
 
 MESH = {"x": 2, "y": 2, "z": 2}

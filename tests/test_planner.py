@@ -1,10 +1,10 @@
 """The planner against Pope et al. 2022's analysis (see benchmarks/results/planner_vs_paper.md); its
 collectives against the compiled program are tested in tests/test_layouts.py."""
 
+import json
 import math
 import subprocess
 import sys
-import json
 
 import pytest
 
