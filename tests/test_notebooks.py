@@ -1,4 +1,5 @@
-"""Every notebook in notebooks/ runs top to bottom without an error (its own asserts included).
+"""Every notebook in notebooks/ runs top to bottom without an error (its own asserts included), and
+is committed with its outputs.
 
 The kernel is `python3`; run inside the project's venv (`make test` does), whose python3 kernelspec
 (`python -m ipykernel install --prefix .venv --name python3`) starts the venv's interpreter, so the
@@ -39,9 +40,16 @@ def test_notebooks_found():
     assert NOTEBOOKS, f"no notebooks in {NOTEBOOKS_DIR}"
 
 
-def test_notebooks_saved_without_outputs():
-    """Notebooks are committed without outputs (smaller diffs, no stale results)."""
+def test_notebooks_saved_with_outputs():
+    """Notebooks are committed executed (`make notebooks`), so they read without running: every code
+    cell has run, in order, and the plots and tables are there."""
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
-        dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
-        assert not dirty, f"{path.name}: code cells {dirty} have outputs; clear them before committing"
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        counts = [c.execution_count for c in code]
+        assert None not in counts, f"{path.name}: code cells {[i for i, n in enumerate(counts) if n is None]} " \
+                                   "have not run; regenerate with `make notebooks`"
+        assert counts == sorted(counts), f"{path.name}: cells ran out of order {counts}"
+        assert any(c.outputs for c in code), f"{path.name}: no outputs saved"
+        errors = [o for c in code for o in c.outputs if o.get("output_type") == "error"]
+        assert not errors, f"{path.name}: saved with an error output"

@@ -33,3 +33,13 @@ def test_mesh_axes_are_named_only_in_sharding():
                 if mesh_axis.search(code) or mesh_api.search(code):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_architecture_doc_matches_the_modules():
+    """docs/architecture.md names every module of each package, and names no module that is not there."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    for package in ("sharding", "models", "checkpoints", "engine"):
+        section = re.search(rf"^## {package}/.*?(?=^## |\Z)", doc, re.S | re.M).group(0)
+        named = set(re.findall(r"^- `(\w+\.py)`", section, re.M))
+        present = {p.name for p in (ROOT / package).glob("*.py")} - {"__init__.py"}
+        assert named == present, (package, named, present)
