@@ -13,6 +13,7 @@ from flax import nnx
 
 from shardlm.models import quant
 from shardlm.models.config import ModelConfig
+from shardlm.models.kv_views import DenseKV
 from shardlm.models.llama import Attention, apply_rope, rope_frequencies
 from shardlm.models.paged_attention import paged_attention, write_kv
 
@@ -191,7 +192,12 @@ def test_equals_the_models_dense_attention(int8_kv):
     cfg = ModelConfig("tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=H, d_ff=64,
                       max_seq_len=64)
     attn = Attention(cfg, jnp.float32, nnx.Rngs(0))
-    model_step = jax.jit(lambda *a: attn(*a))
+
+    @jax.jit
+    def model_step(x, pos, k, v):
+        out, kv = attn(x, pos, DenseKV(k, v))
+        return out, kv.k, kv.v
+
     rng = np.random.default_rng(6)
     B, T, S, P, K = 3, 24, 64, 16, cfg.n_kv_heads
     lens = [24, 5, 17]  # prompt lengths; the model's rows are padded to T
