@@ -31,7 +31,8 @@ class Result:
     key: object
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)  # generated, without the stop token
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop" or "length" ("error": the request could not run)
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 def _stops(req: Request) -> frozenset[int]:
@@ -39,7 +40,7 @@ def _stops(req: Request) -> frozenset[int]:
     return own | frozenset(req.sampling.stop_token_ids)
 
 
-def _accept(result: Result, req: Request, token: int, max_seq_len: int) -> bool:
+def accept(result: Result, req: Request, token: int, max_seq_len: int) -> bool:
     """Take one sampled token; return True when the request is finished."""
     if token in _stops(req):
         result.finish_reason = "stop"
@@ -51,7 +52,7 @@ def _accept(result: Result, req: Request, token: int, max_seq_len: int) -> bool:
     return False
 
 
-def _to_host(x) -> np.ndarray:
+def to_host(x) -> np.ndarray:
     """x as a host array; an array spread over several processes is gathered first, so every process
     of a multi-host job sees the same tokens and runs the same next step."""
     if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
@@ -81,7 +82,7 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
                 i = queue.popleft()
                 req = requests[i]
                 prefix = engine.prefill(params, req.prompt_ids, req.sampling)
-                if _accept(results[i], req, int(prefix.token), engine.max_seq_len):
+                if accept(results[i], req, int(prefix.token), engine.max_seq_len):
                     finish(i)
                     continue
                 state = engine.insert(prefix, state, slot, req.sampling)
@@ -89,13 +90,13 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
         if all(s is None for s in slots):
             continue
         state, tokens = engine.generate(params, state)
-        tokens = _to_host(tokens)
+        tokens = to_host(tokens)
         n_active = 0
         for slot, i in enumerate(slots):
             if i is None:
                 continue
             n_active += 1
-            if _accept(results[i], requests[i], int(tokens[slot]), engine.max_seq_len):
+            if accept(results[i], requests[i], int(tokens[slot]), engine.max_seq_len):
                 slots[slot] = None
                 finish(i)
         if on_step is not None:

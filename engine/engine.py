@@ -92,14 +92,14 @@ class Step:
     def __post_init__(self):
         key = (self.cfg, self.graphdef, self.strategy, self.mesh, self.rules, str(jnp.dtype(self.cache_dtype)),
                self.batch_size, self.max_seq_len)
-        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_step_key", key)
         object.__setattr__(self, "_hash", hash(key))
 
     def __hash__(self):
         return self._hash
 
     def __eq__(self, other):
-        return self is other or (isinstance(other, Step) and self._hash == other._hash and self._key == other._key)
+        return self is other or (isinstance(other, Step) and self._hash == other._hash and self._step_key == other._step_key)
 
     def zeros_cache(self, batch: int, seq: int) -> KVCache:
         cfg = self.cfg

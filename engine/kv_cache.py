@@ -1,4 +1,8 @@
-"""The KV cache: an explicit pytree that goes into every step and comes out of it (donated)."""
+"""The KV caches: explicit pytrees that go into every step and come out of it (donated).
+
+`KVCache` is dense, [B, S, K, H] per layer; `PagedKVCache` is page pools [num_pages, P, K, H] per
+layer with the step's page metadata. Both give the model `layer(i)`, the cache view one layer
+attends through (models/kv_views.py), and `with_layers(views)`."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from shardlm.models.kv_views import DenseKV, PagedKV, PageMeta
 from shardlm.models.quant import QuantizedKV
 from shardlm.sharding.rules import KV_CACHE_AXES as KV_AXES  # logical axes of one layer's [B, S, K, H]
 
@@ -48,6 +53,17 @@ class KVCache:
     def replace(self, **kw) -> "KVCache":
         return dataclasses.replace(self, **kw)
 
+    @staticmethod
+    def layer_view(k, v) -> DenseKV:
+        """The view of one layer's arrays (a pipeline stage slices them from the stacked cache)."""
+        return DenseKV(k, v)
+
+    def layer(self, i: int) -> DenseKV:
+        return DenseKV(self.k[i], self.v[i])
+
+    def with_layers(self, views) -> "KVCache":
+        return self.replace(k=[kv.k for kv in views], v=[kv.v for kv in views])
+
     @property
     def batch(self) -> int:
         return self.lengths.shape[0]
@@ -55,3 +71,23 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return jax.tree.leaves(self.k)[0].shape[-3]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PagedKVCache:
+    k: list  # per layer [num_pages, P, K, H]
+    v: list  # per layer [num_pages, P, K, H]
+    meta: PageMeta  # this step's slot mapping, page tables, kv_lens (shared by every layer)
+
+    @staticmethod
+    def zero_pools(n_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
+        """(k, v): per layer a zero pool [num_pages, P, K, H]."""
+        shape = (num_pages, page_size, kv_heads, head_dim)
+        return [jnp.zeros(shape, dtype) for _ in range(n_layers)], [jnp.zeros(shape, dtype) for _ in range(n_layers)]
+
+    def layer(self, i: int) -> PagedKV:
+        return PagedKV(self.k[i], self.v[i], self.meta)
+
+    def with_layers(self, views) -> "PagedKVCache":
+        return dataclasses.replace(self, k=[kv.k for kv in views], v=[kv.v for kv in views])

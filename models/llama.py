@@ -8,11 +8,12 @@ names its dimensions; sharding/ maps the names to mesh axes. Glossary: B batch, 
 S cached sequence, D d_model, N query heads, K kv heads, G = N/K, H head dim, F d_ff, V vocab.
 
 Forward: `model(tokens [B,T], positions [B,T], cache) -> (logits [B,T,V], cache)`. `cache` is any
-pytree with per-layer lists `k`, `v` of [B,S,K,H] (an int8 cache: quant.QuantizedKV of int8
-[B,S,K,H] and scale [B,S,K,1]) and a `replace(k=, v=)` method (engine.KVCache). `quantize="int8"`
-holds each weight as a quant.QuantizedWeight (int8 with per-output-channel scales, models/quant.py).
-New keys/values are written at their absolute positions (contiguous within a row); a query at
-position p attends to cache slots 0..p, so padded tokens after a prompt never leak into it.
+pytree with `layer(i)`, the cache view of layer i, and `with_layers(views)` (engine.KVCache, dense
+[B,S,K,H] per layer; engine.PagedKVCache, page pools). Each layer's attention makes one call on
+its view, `kv.attend(q, k, v, positions)`, which writes the new keys/values and attends over the
+cache (models/kv_views.py), so the model does not know how the cache is laid out.
+`quantize="int8"` holds each weight as a quant.QuantizedWeight (int8 with per-output-channel scales,
+models/quant.py); an int8 cache holds quant.QuantizedKV values.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flax import nnx
 from shardlm.models import quant
 from shardlm.models.config import ModelConfig
 from shardlm.sharding.blocks import project_in, project_out
-from shardlm.sharding.rules import KV_CACHE_AXES, gather_weight, shard
+from shardlm.sharding.rules import gather_weight, shard
 
 
 def _axes(var) -> tuple[str, ...]:
@@ -116,11 +117,9 @@ class Attention(nnx.Module):
             self.v_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
         self.cfg = cfg
 
-    def __call__(self, x, positions, k_cache, v_cache):
+    def __call__(self, x, positions, kv):
+        """x [B,T,D] at positions [B,T], through cache view `kv` (models/kv_views.py) -> (out [B,T,D], kv)."""
         cfg = self.cfg
-        B, T, _ = x.shape
-        K, H = cfg.n_kv_heads, cfg.head_dim
-        G = cfg.n_heads // K
         q, k, v = project_in(x, *_ws(self, ("q", "k", "v")))
         if cfg.qkv_bias:
             q, k, v = q + _w(self.q_bias), k + _w(self.k_bias), v + _w(self.v_bias)
@@ -131,36 +130,10 @@ class Attention(nnx.Module):
         k = shard(apply_rope(k, positions, inv_freq), ("attn_batch", "seq", "attn_kv_heads", "head_dim"))
         v = shard(v, ("attn_batch", "seq", "attn_kv_heads", "head_dim"))
 
-        # Write the new keys/values at their positions (contiguous per row, starting at
-        # positions[:, 0]); a per-row update that the partitioner keeps local under batch sharding.
-        write = jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (p, 0, 0)))
-        cache_axes = KV_CACHE_AXES
-        # An int8 cache is a quant.QuantizedKV (int8 [B,S,K,H], scale [B,S,K,1]): one scale per token and head.
-        int8_kv = isinstance(k_cache, quant.QuantizedKV)
-        new_k, new_v = (quant.quantize_kv(k), quant.quantize_kv(v)) if int8_kv else (k, v)
-        k_cache = jax.tree.map(lambda c, u: shard(write(c, u, positions[:, 0]), cache_axes), k_cache, new_k)
-        v_cache = jax.tree.map(lambda c, u: shard(write(c, u, positions[:, 0]), cache_axes), v_cache, new_v)
-        if int8_kv:
-            (k_vals, k_scale), (v_vals, v_scale) = (k_cache.values, k_cache.scale), (v_cache.values, v_cache.scale)
-        else:
-            (k_vals, k_scale), (v_vals, v_scale) = (k_cache, None), (v_cache, None)
-
-        S = k_vals.shape[1]
-        qg = q.reshape(B, T, K, G, H)
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_vals.astype(q.dtype), preferred_element_type=jnp.float32)
-        if int8_kv:  # per-(token, head) scales factor out of the sum over H
-            scores = scores * jnp.transpose(k_scale[..., 0], (0, 2, 1))[:, :, None, None, :]
-        scores = scores * (H**-0.5)
-        visible = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S] causal over cache slots
-        scores = jnp.where(visible[:, None, None], scores, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1)
-        if int8_kv:  # and out of the sum over S, as weights on the probabilities
-            probs = probs * jnp.transpose(v_scale[..., 0], (0, 2, 1))[:, :, None, None, :]
-        probs = probs.astype(q.dtype if int8_kv else v_vals.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_vals.astype(probs.dtype)).reshape(B, T, K * G, H)
+        out, kv = kv.attend(q, k, v, positions)  # writes the new keys/values, attends over the cache
         out = out.astype(x.dtype)
         out = shard(out, ("attn_batch", "seq", "attn_heads", "head_dim"))
-        return project_out(out, self.o[...], _axes(self.o)), k_cache, v_cache
+        return project_out(out, self.o[...], _axes(self.o)), kv
 
 
 class MLP(nnx.Module):
@@ -182,13 +155,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
         self.mlp = MLP(cfg, dtype, rngs, quantize)
 
-    def __call__(self, x, positions, k_cache, v_cache):
+    def __call__(self, x, positions, kv):
         with jax.named_scope("attention"):
-            h, k_cache, v_cache = self.attn(self.attn_norm(x), positions, k_cache, v_cache)
+            h, kv = self.attn(self.attn_norm(x), positions, kv)
         x = shard(x + h, ("batch", "seq", "act_embed"))
         with jax.named_scope("mlp"):
             x = shard(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
-        return x, k_cache, v_cache
+        return x, kv
 
 
 class Llama(nnx.Module):
@@ -219,14 +192,13 @@ class Llama(nnx.Module):
         return self.head(x, logits_index), cache
 
     def run_layers(self, x, positions, cache):
-        """residual [B,T,D] through every layer, each reading and writing its cache.k[i], cache.v[i]."""
-        ks, vs = [], []
+        """residual [B,T,D] through every layer, each through its view cache.layer(i)."""
+        views = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k, v = layer(x, positions, cache.k[i], cache.v[i])
-            ks.append(k)
-            vs.append(v)
-        return x, cache.replace(k=ks, v=vs)
+                x, kv = layer(x, positions, cache.layer(i))
+            views.append(kv)
+        return x, cache.with_layers(views)
 
     def embed_tokens(self, tokens):
         """tokens [B,T] -> residual [B,T,D]."""
@@ -241,9 +213,11 @@ class Llama(nnx.Module):
         return shard(x, ("batch", "seq", "act_embed"))  # [B, T, D]
 
     def head(self, x, logits_index=None):
-        """residual [B,T,D] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B])."""
+        """residual [B,T,D] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B]; [B,n,V] at
+        `logits_index` [B,n], several positions per row: the prompts of a packed row)."""
         if logits_index is not None:
-            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # [B, 1, D]
+            index = logits_index[:, None, None] if logits_index.ndim == 1 else logits_index[:, :, None]
+            x = jnp.take_along_axis(x, index, axis=1)  # [B, 1 or n, D]
         x = self.final_norm(x)
         name = "embed" if self.cfg.tie_embeddings else "lm_head"
         w = _w(getattr(self, name))  # an int8 QArray's per-vocabulary scales apply to the logits

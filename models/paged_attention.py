@@ -38,7 +38,7 @@ KV_PAGES_AXES = ("kv_pages", "page_slot", "attn_kv_heads", "head_dim")
 
 def _values(pages):
     """(values [num_pages, P, K, H], scale [num_pages, P, K, 1] or None) of a float or int8 pool."""
-    return pages if isinstance(pages, tuple) else (pages, None)
+    return (pages.values, pages.scale) if isinstance(pages, quant.QuantizedKV) else (pages, None)
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping):
@@ -48,8 +48,9 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
     the new keys/values quantized per token and head. Returns (k_pages, v_pages)."""
 
     def write(pages, new):
-        if isinstance(pages, tuple):  # (int8 values, scales)
-            return tuple(write(p, n) for p, n in zip(pages, quant.quantize_kv(new)))
+        if isinstance(pages, quant.QuantizedKV):  # int8 values and their scales
+            q = quant.quantize_kv(new)
+            return quant.QuantizedKV(write(pages.values, q.values), write(pages.scale, q.scale))
         num_pages, P = pages.shape[:2]
         flat = pages.reshape((num_pages * P,) + pages.shape[2:])  # [num_pages * P, K, H]
         slots = jnp.where((slot_mapping >= 0) & (slot_mapping < num_pages * P), slot_mapping, num_pages * P)

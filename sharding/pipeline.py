@@ -261,12 +261,14 @@ class Pipeline:
         padded = not valid_slots.all()
 
         def stage_fn(w, x, pos, k, v, m, valid, slot_valid):
-            """One stage on microbatch m: x [b,t,D], pos [b,t], k/v [per_stage, B, S, K, H]."""
+            """One stage on microbatch m: x [b,t,D], pos [b,t], k/v [per_stage, B, S, K, H]; each
+            block reads and writes its layer's rows through the cache's view of them."""
             kr, vr = rows(k, m), rows(v, m)
             ks, vs = [], []
             for j in range(per_stage):
                 block = nnx.merge(block_graph, jax.tree.map(lambda a: a[j], w))
-                y, kj, vj = block(x, pos, kr[j], vr[j])
+                y, kv = block(x, pos, cache.layer_view(kr[j], vr[j]))
+                kj, vj = kv.k, kv.v
                 x = jnp.where(slot_valid[j], y, x) if padded else y  # a padding slot passes x through
                 ks.append(kj)
                 vs.append(vj)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from shardlm.models import quant
 from shardlm.models.config import ModelConfig
+from shardlm.models.kv_views import DenseKV
 from shardlm.models.llama import Attention, apply_rope, rope_frequencies
 from shardlm.models.paged_attention import paged_attention, write_kv
 
@@ -161,7 +162,7 @@ def _write_sequences(rng, lens, P, K, int8):
     flat_v = np.concatenate([v[b, :n] for b, n in enumerate(lens)])
     shape = (num_pages, P, K, H)
     if int8:
-        pages = lambda: (jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3] + (1,), jnp.float32))  # noqa: E731
+        pages = lambda: quant.QuantizedKV(jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3] + (1,), jnp.float32))  # noqa: E731
     else:
         pages = lambda: jnp.asarray(1e3 * rng.standard_normal(shape), jnp.float32)  # noqa: E731
     k_pages, v_pages = jax.jit(write_kv)(pages(), pages(), jnp.asarray(flat_k), jnp.asarray(flat_v), jnp.asarray(slots))
@@ -175,7 +176,7 @@ def test_written_pool_decodes_like_reference(int8):
     lens, P, K, N = [3, 16, 17, 50], 16, 2, 4
     k_pages, v_pages, tables, k, v = _write_sequences(rng, lens, P, K, int8)
     if int8:
-        dq = lambda x: np.asarray(x[0], np.float32) * np.asarray(x[1])  # noqa: E731
+        dq = lambda x: np.asarray(x.values, np.float32) * np.asarray(x.scale)  # noqa: E731
         k = np.stack([np.asarray(dq(quant.quantize_kv(jnp.asarray(kb)))) for kb in k])
         v = np.stack([np.asarray(dq(quant.quantize_kv(jnp.asarray(vb)))) for vb in v])
     q = rng.standard_normal((len(lens), 1, N, H)).astype(np.float32)
@@ -191,12 +192,18 @@ def test_equals_the_models_dense_attention(int8_kv):
     cfg = ModelConfig("tiny", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=H, d_ff=64,
                       max_seq_len=64)
     attn = Attention(cfg, jnp.float32, nnx.Rngs(0))
-    model_step = jax.jit(lambda *a: attn(*a))
+
+    @jax.jit
+    def model_step(x, pos, k, v):
+        out, kv = attn(x, pos, DenseKV(k, v))
+        return out, kv.k, kv.v
+
     rng = np.random.default_rng(6)
     B, T, S, P, K = 3, 24, 64, 16, cfg.n_kv_heads
     lens = [24, 5, 17]  # prompt lengths; the model's rows are padded to T
     shape = (B, S, K, H)
-    dense = (lambda: (jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3] + (1,)))) if int8_kv else (lambda: jnp.zeros(shape))
+    dense = (lambda: quant.QuantizedKV(jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3] + (1,)))) if int8_kv else (
+        lambda: jnp.zeros(shape))
     x = jnp.asarray(rng.standard_normal((B, T, cfg.d_model)), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     want, k_cache, v_cache = model_step(x, positions, dense(), dense())
@@ -206,7 +213,7 @@ def test_equals_the_models_dense_attention(int8_kv):
 
     tables, num_pages = _layout(rng, [n + 1 for n in lens], P)
     pool_shape = (num_pages, P, K, H)
-    empty = (lambda: (jnp.zeros(pool_shape, jnp.int8), jnp.ones(pool_shape[:3] + (1,)))) if int8_kv else (
+    empty = (lambda: quant.QuantizedKV(jnp.zeros(pool_shape, jnp.int8), jnp.ones(pool_shape[:3] + (1,)))) if int8_kv else (
         lambda: jnp.zeros(pool_shape))
     inv_freq = rope_frequencies(cfg)
 
