@@ -110,7 +110,9 @@ def cmd_run(args) -> int:
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
-    jobs.read_lines(args.input)  # a missing input fails before the model loads
+    jobs.read_lines(args.input)  # a missing input or a bad output fails before the model loads
+    if jax.process_index() == 0:  # only process 0 sees the output
+        jobs.check_output(args.output, args.input)
     if jax.process_count() > 1 and not args.mesh:
         raise ValueError(f"a job of {jax.process_count()} processes needs --mesh over all {jax.device_count()} "
                          f"devices, e.g. --mesh x={jax.device_count()}")
