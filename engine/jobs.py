@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -407,23 +408,34 @@ def _progress_bar(total: int, enabled: bool):
 
 
 class _ProgressLines:
-    """The tqdm calls run_job makes, printed as whole lines at most every `every_s` seconds."""
+    """The tqdm calls run_job makes, printed as a whole line every `every_s` seconds by a timer
+    thread: also while no prompt finishes (long generations), which a check in update() missed."""
 
     def __init__(self, total: int, every_s: float = 10.0):
         self.total, self.n, self.postfix, self.every_s = total, 0, "", every_s
-        self.last = time.perf_counter()
+        self.t0 = time.perf_counter()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._tick, daemon=True, name="job-progress")
+        self.thread.start()
+
+    def _tick(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        eta = f"ETA {elapsed / self.n * (self.total - self.n):.0f} s" if self.n else "ETA unknown (none done yet)"
+        return f"job: {self.n}/{self.total} prompts, {self.postfix or '0.0 tok/s'}, {elapsed:.0f} s, {eta}"
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if time.perf_counter() - self.last >= self.every_s:
-            self.last = time.perf_counter()
-            print(f"job: {self.n}/{self.total} prompts, {self.postfix}", file=sys.stderr, flush=True)
 
     def set_postfix_str(self, text: str, refresh: bool = False) -> None:
         self.postfix = text
 
     def close(self) -> None:
-        pass
+        self.stopped.set()
+        self.thread.join()
 
 
 def format_summary(s: dict) -> str:

@@ -183,14 +183,18 @@ class LLM:
         return batching.Request(self.encode(prompt, chat), sampling or SamplingParams(), self.stop_token_ids, key=key)
 
     def run(self, requests: Sequence[batching.Request], *, on_result: Callable[[object, Completion], None] | None = None,
-            on_step: Callable[[int], None] | None = None) -> list[Completion]:
+            on_step: Callable[[int], None] | None = None,
+            on_token: Callable[[object, list[int]], None] | None = None) -> list[Completion]:
         """Complete requests (from `request`) through continuous batching; Completions in request
-        order. `on_result(key, completion)` sees each as it finishes, `on_step(n)` each decode step."""
+        order. `on_result(key, completion)` sees each as it finishes, `on_step(n)` each decode step,
+        `on_token(key, token_ids)` a request's generated ids so far after each token (streaming)."""
         def finished(result: batching.Result) -> None:
             if on_result is not None:
                 on_result(result.key, self._completion(result))
 
-        results = batching.run(self.engine, self.params, requests, on_result=finished, on_step=on_step)
+        streamed = None if on_token is None else (lambda result: on_token(result.key, result.token_ids))
+        results = batching.run(self.engine, self.params, requests, on_result=finished, on_step=on_step,
+                               on_token=streamed)
         return [self._completion(r) for r in results]
 
     def _completion(self, r: batching.Result) -> Completion:
