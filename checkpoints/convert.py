@@ -29,12 +29,12 @@ def convert(src: str, dst: str, *, dtype: str | None = None, force: bool = False
             quantize: str | None = None) -> str:
     """Load `src` (GGUF file, HF folder or shardlm checkpoint) and save it as a shardlm checkpoint at `dst`.
 
-    dtype: "bf16" or "f32" (None: bf16 for a bf16 source, else f32). Nothing is written at `dst`
+    dtype: "bf16"/"bfloat16" or "f32"/"float32" (None: bf16 for a bf16 source, else f32). Nothing is written at `dst`
     unless the whole conversion succeeds; an existing `dst` is an error unless `force`.
     quantize: None or "int8" (int8 weights and their scales are saved; see models/quant.py).
     """
     if dtype is not None and dtype not in CONVERT_DTYPES:
-        raise ValueError(f"unknown --dtype {dtype!r}; allowed: bf16, f32")
+        raise ValueError(f"unknown --dtype {dtype!r}; allowed: {', '.join(CONVERT_DTYPES)}")
     quant.check_mode(quantize)
     dst = orbax_io.check_destination(dst, force)  # before the (slow) load
     src = os.path.abspath(os.path.expanduser(src))

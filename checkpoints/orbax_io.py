@@ -87,6 +87,12 @@ def check_destination(dst: str, force: bool) -> str:
     dst = os.path.abspath(os.path.expanduser(dst))
     if os.path.lexists(dst) and not force:
         raise CheckpointError(f"destination already exists: {dst} (use --force to replace it)")
+    folder = os.path.dirname(dst)
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.lexists(folder) else "does not exist"
+        raise CheckpointError(f"cannot create the destination {dst}: {folder} {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot create the destination {dst}: the folder {folder} is not writable")
     return dst
 
 

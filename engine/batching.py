@@ -63,14 +63,21 @@ def to_host(x) -> np.ndarray:
 
 
 def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result], None] | None = None,
-        on_step: Callable[[int], None] | None = None) -> list[Result]:
+        on_step: Callable[[int], None] | None = None, on_token: Callable[[Result], None] | None = None) -> list[Result]:
     """Generate for every request; results in request order. `on_result` sees each as it finishes,
-    `on_step(n_tokens)` each decode step."""
+    `on_step(n_tokens)` each decode step, `on_token(result)` each request after each token it takes
+    (streaming; a stop token is not added, so the last call may see no new token)."""
     requests = list(requests)
     results = [Result(r.key, list(r.prompt_ids)) for r in requests]
     queue = collections.deque(sorted(range(len(requests)), key=lambda i: engine.bucket(len(requests[i].prompt_ids))))
     slots: list[int | None] = [None] * engine.batch_size
     state = engine.init_decode_state()
+
+    def take(i: int, token: int) -> bool:
+        done = accept(results[i], requests[i], token, engine.max_seq_len)
+        if on_token is not None:
+            on_token(results[i])
+        return done
 
     def finish(i: int):
         if on_result is not None:
@@ -82,7 +89,7 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
                 i = queue.popleft()
                 req = requests[i]
                 prefix = engine.prefill(params, req.prompt_ids, req.sampling)
-                if accept(results[i], req, int(prefix.token), engine.max_seq_len):
+                if take(i, int(prefix.token)):
                     finish(i)
                     continue
                 state = engine.insert(prefix, state, slot, req.sampling)
@@ -96,7 +103,7 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
             if i is None:
                 continue
             n_active += 1
-            if accept(results[i], requests[i], int(tokens[slot]), engine.max_seq_len):
+            if take(i, int(tokens[slot])):
                 slots[slot] = None
                 finish(i)
         if on_step is not None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
+import signal
 import sys
 
 
@@ -17,25 +20,38 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+_QUIET = False  # --quiet: no status lines or summary on stderr (errors still)
+
+
 def _status(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if not _QUIET:
+        print(msg, file=sys.stderr, flush=True)
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"tokens to generate per prompt (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="a 32-bit integer (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+
+
+def _sampling(args):
+    from shardlm.engine.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file, Hugging Face folder or shardlm checkpoint "
                    "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
+    p.add_argument("--dtype", default="float32", help="float32 (f32) or bfloat16 (bf16) (default float32)")
     p.add_argument("--batch-size", type=int, default=8, help="decode slots (default 8)")
-    p.add_argument("--max-seq-len", type=int, default=1024, help="tokens per slot, prompt plus generated (default 1024)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per slot, prompt plus generated "
+                   "(default 1024, or the model's context if shorter; at most the context)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. x=2,y=2,z=2 (default: one device)")
     p.add_argument("--layout", default=None, help="layout for both phases (see `shardlm layouts`)")
     p.add_argument("--prefill-layout", default=None, help="layout for prefill only")
@@ -64,9 +80,12 @@ def _load_llm(args):
     quant.check_mode(args.quantize), quant.check_kv_mode(args.kv_cache)  # before the (slow) load
     _status("loading model ...")
     from shardlm.sharding.mesh import parse_mesh
+    from shardlm.sharding.pipeline import stages_in
 
     mesh_shape = parse_mesh(args.mesh) if args.mesh else None
-    with tqdm(desc="loading weights", unit=" tensors", file=sys.stderr, leave=False, disable=None) as bar:
+    _check_microbatches(args, stages_in(mesh_shape), args.batch_size, "--batch-size")
+    with tqdm(desc="loading weights", unit=" tensors", file=sys.stderr, leave=False,
+              disable=True if _QUIET else None) as bar:
         llm = LLM.load(args.model, mesh_shape=mesh_shape, layout=args.layout, prefill_layout=args.prefill_layout,
                        decode_layout=args.decode_layout, attention=args.attention, dtype=args.dtype,
                        batch_size=args.batch_size, max_seq_len=args.max_seq_len, progress=bar.update,
@@ -77,40 +96,170 @@ def _load_llm(args):
     return llm
 
 
-def cmd_generate(args) -> int:
-    from shardlm.engine.sampling import SamplingParams
-
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
-    if any(not p for p in args.prompts):
+def _read_prompts(prompts: list[str]) -> list[str]:
+    """The PROMPT arguments; `-` is stdin (read once, as UTF-8, without its final newline)."""
+    if prompts.count("-") > 1:
+        raise ValueError("give `-` (read the prompt from stdin) at most once")
+    if "-" in prompts:
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8").removesuffix("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the prompt on stdin is not valid UTF-8 (byte {e.start + 1})") from None
+        prompts = [text if p == "-" else p for p in prompts]
+    if any(not p for p in prompts):
         raise ValueError("prompt is empty: give some text")
+    from shardlm.engine.llm import check_text  # here, not after the model loads
+
+    for p in prompts:
+        check_text(p)
+    return prompts
+
+
+class _Stream:
+    """Writes one request's text to stdout as its tokens arrive. The text of all ids so far is
+    decoded and only what is new is written; a text ending in an incomplete UTF-8 character
+    (U+FFFD) waits for the next token, so the pieces join to exactly the completion's text."""
+
+    def __init__(self, llm):
+        self.llm, self.written = llm, ""
+
+    def update(self, ids) -> None:
+        text = self.llm.decode(ids)
+        if text.endswith("\ufffd") or not text.startswith(self.written):
+            return
+        sys.stdout.write(text[len(self.written):])
+        sys.stdout.flush()
+        self.written = text
+
+    def finish(self, text: str) -> None:
+        sys.stdout.write((text[len(self.written):] if text.startswith(self.written) else "\n" + text) + "\n")
+        sys.stdout.flush()
+
+
+def _run_requests(llm, requests, *, on_token=None, on_result=None):
+    """llm.run with the summary line on stderr: tokens, tokens/s and time to the first token."""
+    import time
+
+    t0, first = time.perf_counter(), []
+
+    def token(key, ids):
+        if not first:
+            first.append(time.perf_counter() - t0)
+        if on_token is not None:
+            on_token(key, ids)
+
+    completions = llm.run(requests, on_token=token, on_result=on_result)
+    wall = time.perf_counter() - t0
+    generated = sum(len(c.token_ids) for c in completions)
+    prompt = sum(len(c.prompt_token_ids) for c in completions)
+    cut = sum(c.finish_reason == "length" for c in completions)
+    _status(f"{prompt} prompt tokens, {generated} generated tokens in {wall:.2f} s ({generated / wall:.1f} tokens/s), "
+            f"first token after {first[0] if first else wall:.2f} s"
+            + (f"; {cut} of {len(completions)} cut by length (--max-new-tokens or --max-seq-len)" if cut else ""))
+    return completions
+
+
+def _chat_hint(llm, chat: bool) -> None:
+    if not chat and llm.tokenizer is not None and llm.tokenizer.chat_template:
+        _status("note: this model has a chat template; prompts go in as raw text (--chat applies the template)")
+
+
+def cmd_generate(args) -> int:
+    sampling = _sampling(args)
+    prompts = _read_prompts(args.prompts)
     llm = _load_llm(args)
     from shardlm.engine.llm import completion_record
 
     # Every prompt encoded and checked once, before any work.
-    requests = [llm.request(p, sampling, chat=args.chat, key=i) for i, p in enumerate(args.prompts)]
+    requests = [llm.request(p, sampling, chat=args.chat, key=i) for i, p in enumerate(prompts)]
+    _chat_hint(llm, args.chat)
     _status("compiling and generating ...")
-    completions = llm.run(requests)
-    for prompt, c in zip(args.prompts, completions):
-        if args.json:
+    if args.json:
+        for prompt, c in zip(prompts, _run_requests(llm, requests)):
             print(json.dumps({"prompt": prompt, **completion_record(c)}), flush=True)
-        else:
-            print(c.text if len(args.prompts) == 1 else f"[{prompt}] {c.text}", flush=True)
+    elif len(prompts) == 1:  # streamed as generated
+        stream = _Stream(llm)
+        [c] = _run_requests(llm, requests, on_token=lambda key, ids: stream.update(ids))
+        stream.finish(c.text)
+    else:  # each whole as it finishes, headed by its prompt
+        def show(i, c):
+            cut = "\n[cut by length]" if c.finish_reason == "length" else ""
+            print(f"=== [{i + 1}/{len(prompts)}] {prompts[i]}\n{c.text}{cut}\n", flush=True)
+
+        _run_requests(llm, requests, on_result=show)
     return 0
+
+
+def _chat_lines():
+    """The user's turns: from the terminal with a prompt, else one per line of stdin (UTF-8)."""
+    if sys.stdin.isatty():
+        while True:
+            try:
+                yield input("> ")
+            except EOFError:  # Ctrl-D
+                print(file=sys.stderr)
+                return
+    else:
+        for raw in sys.stdin.buffer:
+            try:
+                yield raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                yield ValueError(f"this line is not valid UTF-8 (byte {e.start + 1}); it was skipped")
+
+
+def cmd_chat(args) -> int:
+    """A multi-turn chat through the model's chat template, each answer streamed; /reset, /exit."""
+    from shardlm.engine.llm import completion_record
+
+    sampling = _sampling(args)
+    llm = _load_llm(args)
+    if llm.tokenizer is None or not llm.tokenizer.chat_template:
+        raise ValueError("this model has no chat template, so `shardlm chat` cannot talk to it; "
+                         "use `shardlm generate`")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history, failed = list(system), False
+    _status("type a message; /reset forgets the conversation, /exit or Ctrl-D leaves")
+    for text in _chat_lines():
+        if isinstance(text, ValueError) or not text.strip():
+            if text:
+                print(f"error: {text}", file=sys.stderr)
+                failed = True
+            continue
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            history = list(system)
+            _status("(conversation reset)")
+            continue
+        try:
+            request = llm.request(history + [{"role": "user", "content": text}], sampling, key=0)
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the chat going
+            print(f"error: {_flag_words(e)} (/reset starts over)", file=sys.stderr)
+            failed = True
+            continue
+        if args.json:
+            [c] = _run_requests(llm, [request])
+            print(json.dumps({"prompt": text, **completion_record(c)}), flush=True)
+        else:
+            stream = _Stream(llm)
+            [c] = _run_requests(llm, [request], on_token=lambda key, ids: stream.update(ids))
+            stream.finish(c.text)
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": c.text}]
+    return 2 if failed else 0
 
 
 def cmd_run(args) -> int:
     from shardlm.engine import jobs
-    from shardlm.engine.sampling import SamplingParams
 
     # Before anything touches a device: every process of the job joins here.
     jobs.init_distributed(args.coordinator, args.num_processes, args.process_id,
                           heartbeat_timeout=args.heartbeat_timeout)
     import jax
 
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
-    jobs.read_lines(args.input)  # a missing input fails before the model loads
+    sampling = _sampling(args)
+    jobs.read_lines(args.input)  # a missing input or a bad output fails before the model loads
+    if jax.process_index() == 0:  # only process 0 sees the output
+        jobs.check_output(args.output, args.input)
     if jax.process_count() > 1 and not args.mesh:
         raise ValueError(f"a job of {jax.process_count()} processes needs --mesh over all {jax.device_count()} "
                          f"devices, e.g. --mesh x={jax.device_count()}")
@@ -131,10 +280,18 @@ def cmd_launch(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    import shutil
+
     from tqdm import tqdm
 
     from shardlm.checkpoints.convert import convert
+    from shardlm.checkpoints.orbax_io import check_destination
 
+    partial = check_destination(args.dst, args.force) + ".partial"
+    if os.path.lexists(partial):  # what a convert killed mid-save (SIGKILL, power loss) left
+        shutil.rmtree(partial) if os.path.isdir(partial) and not os.path.islink(partial) else os.remove(partial)
+        _status(f"removed {partial}, left by an interrupted convert")
+    _ON_INTERRUPT.append(lambda: shutil.rmtree(partial, ignore_errors=True))
     with tqdm(desc="converting", unit=" tensors", file=sys.stderr, disable=None) as bar:
         dst = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=bar.update,
                       quantize=args.quantize)
@@ -152,7 +309,11 @@ def cmd_perplexity(args) -> int:
         raise ValueError(f"cannot read {args.file} as UTF-8 text: {e}") from None
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    if args.window is not None and args.window < 2:
+        raise ValueError(f"--window must be >= 2 (tokens per window), got {args.window}")
     llm = _load_llm(args)
+    if args.window is not None and args.window > llm.engine.max_seq_len:
+        raise ValueError(f"--window {args.window} is more than --max-seq-len {llm.engine.max_seq_len}")
     result = perplexity(llm, text, max_tokens=args.max_tokens, window=args.window)
     if args.json:
         print(json.dumps({"perplexity": result["perplexity"], "tokens": result["tokens"]}))
@@ -161,18 +322,36 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def _plain(value) -> str:
+    """A config value in words: yes/no, none, key value pairs; never a Python repr."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {_plain(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_plain, value)) or "none"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
 def cmd_inspect(args) -> int:
     from shardlm.checkpoints.convert import describe
+    from shardlm.checkpoints.loader import embedded_model_path
 
-    info = describe(args.path)
+    info = describe(args.path or embedded_model_path())
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"{info['path']} ({info['format']})")
-    print(f"parameters: {info['n_params']:,}  size on disk: {info['size_bytes'] / 2**20:,.1f} MiB")
-    print("dtypes: " + ", ".join(f"{d} {n:,}" for d, n in sorted(info["dtypes"].items())))
-    for key, value in info["config"].items():
-        print(f"  {key}: {value}")
+    rows = [("path", info["path"]), ("format", info["format"]), ("parameters", f"{info['n_params']:,}"),
+            ("size on disk", f"{info['size_bytes'] / 2**20:,.1f} MiB"),
+            ("dtypes", ", ".join(f"{d} {n:,}" for d, n in sorted(info["dtypes"].items())))]
+    rows += [(key.replace("_", " "), _plain(value)) for key, value in info["config"].items()]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
     return 0
 
 
@@ -200,6 +379,7 @@ def pipeline_text(args) -> str:
              "step takes M + N - 1 ticks: bubble fraction (N - 1) / (M + N - 1); between stages pass "
              "(N - 1) x B x T x D activation bytes per step"]
     stages = pipeline.stages_in(parse_mesh(args.mesh) if args.mesh else None)
+    _check_microbatches(args, stages, args.batch, "--batch")
     if stages > 1:
         config = preset(args.model)
         sizes = pipeline.stage_sizes(config.n_layers, stages)
@@ -214,13 +394,33 @@ def pipeline_text(args) -> str:
     return "\n".join(lines)
 
 
+def _context(args, config) -> int:
+    if args.context is None:
+        return min(config.max_seq_len, 2048)
+    if args.context < 1:
+        raise ValueError(f"--context must be >= 1 tokens, got {args.context}")
+    return args.context
+
+
+def _check_microbatches(args, stages: int, rows: int, what: str) -> None:
+    """--microbatches is honoured exactly or refused: without a stage axis it would be ignored, and a
+    count that does not divide the rows would silently become a smaller one."""
+    if args.microbatches is None:
+        return
+    if stages == 1:
+        raise ValueError(f"--microbatches {args.microbatches} needs pipeline stages: give --mesh a stage axis, "
+                         "e.g. --mesh stage=2,x=4")
+    if args.microbatches < 1 or rows % args.microbatches:
+        raise ValueError(f"--microbatches {args.microbatches} must be >= 1 and divide {what} ({rows})")
+
+
 def _plan_pipeline(args, config, mesh: dict[str, int]) -> int:
     from shardlm.sharding import pipeline
 
     if math.prod(mesh.values()) != args.chips:
         raise ValueError(f"mesh {args.mesh} has {math.prod(mesh.values())} chips, not {args.chips}")
     wb = {"int8": 1, "bf16": 2, "bfloat16": 2}[args.weights]
-    context = args.context or min(config.max_seq_len, 2048)
+    context = _context(args, config)
     out = {}
     for phase in [args.phase] if args.phase else ["prefill", "decode"]:
         ranked = pipeline.pipeline_plan(config, args.chip, mesh, phase, args.batch, context, args.microbatches, wb)
@@ -242,6 +442,27 @@ def _plan_pipeline(args, config, mesh: dict[str, int]) -> int:
     return 0
 
 
+def _not_shown(ranked, mesh: dict[str, int], phase: str, batch: int) -> str:
+    """Why the layouts missing from a plan's table are missing (they do not apply here)."""
+    from shardlm.sharding.layouts import LAYOUTS
+
+    chips, shown = math.prod(mesh.values()), {e.layout for e in ranked}
+    why = []
+    for name in LAYOUTS:
+        if name in shown:
+            continue
+        if name == "replicated":
+            why.append("replicated (only considered on one chip)")
+        elif chips == 1:
+            why.append(f"{name} (needs more than one chip)")
+        else:
+            tokens = "batch" if phase == "decode" else "batch or context"
+            why.append(f"{name} (cannot split the {tokens} over its gathered axes, so it would run as 2D)")
+    if chips > 1 and batch % chips and not any(e.attention == "batch" for e in ranked):
+        why.append(f"batch-sharded attention (batch {batch} is not a multiple of the {chips} chips)")
+    return "  not shown: " + "; ".join(why) if why else "  every layout is shown"
+
+
 def cmd_plan(args) -> int:
     from shardlm.models.config import preset
     from shardlm.sharding import pipeline, planner
@@ -250,12 +471,14 @@ def cmd_plan(args) -> int:
     config = preset(args.model)
     if args.chips < 1:
         raise ValueError(f"--chips must be >= 1, got {args.chips}")
-    if args.mesh and pipeline.stages_in(parse_mesh(args.mesh)) > 1:
+    stages = pipeline.stages_in(parse_mesh(args.mesh)) if args.mesh else 1
+    _check_microbatches(args, stages, args.batch, "--batch")
+    if stages > 1:
         return _plan_pipeline(args, config, parse_mesh(args.mesh))
     mesh = parse_mesh(args.mesh) if args.mesh else planner.default_mesh(args.chips)
     mesh = planner.check_mesh(mesh, args.chips)
     wb = {"int8": 1, "bf16": 2, "bfloat16": 2}[args.weights]
-    context = args.context or min(config.max_seq_len, 2048)
+    context = _context(args, config)
     out = {}
     for phase in [args.phase] if args.phase else ["prefill", "decode"]:
         ranked = planner.plan(config, args.chip, mesh, phase, args.batch, context, weight_bytes=wb)
@@ -275,23 +498,43 @@ def cmd_plan(args) -> int:
                 print(f"{mark} {e.layout:22} {e.attention:5} {e.step_time_s * 1e3:10.2f} {e.compute_s * 1e3:9.2f} "
                       f"{e.memory_s * 1e3:9.2f} {e.comm_s * 1e3:9.2f} {e.bytes_per_chip / 2**30:8.1f} "
                       f"{e.mfu:5.2f} {e.mbu:5.2f}" + ("" if e.fits else "  does not fit"))
-            print(f"  chosen: {chosen.layout} with {chosen.attention}-sharded attention\n")
+            print(f"  chosen: {chosen.layout} with {chosen.attention}-sharded attention")
+            print(_not_shown(ranked, mesh, phase, args.batch) + "\n")
     if args.json:
         print(json.dumps(out[args.phase] if args.phase else out))
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shardlm")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="shardlm", description="JAX inference with the partitioning layouts of Pope et al. 2022")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"shardlm {_version()}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="complete prompts with a model")
     _model_args(g)
     _sampling_args(g)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template (one user turn per prompt)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
-    g.add_argument("prompts", nargs="+", metavar="PROMPT")
+    g.add_argument("--quiet", action="store_true", help="no status lines or summary on stderr")
+    g.add_argument("prompts", nargs="+", metavar="PROMPT", help="text; - reads it from stdin")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="talk with a model: the chat template, history, streamed answers")
+    _model_args(c)
+    _sampling_args(c, max_new_tokens=256)
+    c.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the conversation")
+    c.add_argument("--json", action="store_true", help="each answer as one JSON object (the fields of generate)")
+    c.add_argument("--quiet", action="store_true", help="no status lines or summary on stderr")
+    c.set_defaults(func=cmd_chat, batch_size=1)
 
     lay = sub.add_parser("layouts", help="list the partitioning layouts and what each shards where")
     lay.add_argument("--mesh", default=None, help="with a stage axis, e.g. stage=2,x=2,y=2: the pipeline's costs")
@@ -316,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help="GGUF file or Hugging Face folder -> shardlm (Orbax) checkpoint")
     cv.add_argument("src", metavar="SRC", help="GGUF file, Hugging Face folder or shardlm checkpoint")
     cv.add_argument("dst", metavar="DST", help="checkpoint folder to create")
-    cv.add_argument("--dtype", default=None, choices=["bf16", "f32"],
+    cv.add_argument("--dtype", default=None, choices=["float32", "f32", "bfloat16", "bf16"],
                     help="parameter dtype (default: bf16 for a bf16 source, else f32)")
     cv.add_argument("--force", action="store_true", help="replace DST if it exists (once the new one is complete)")
     _quant_args(cv, kv_cache=False)
@@ -325,13 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("perplexity", help="perplexity of a UTF-8 text file under a model (sliding window)")
     _model_args(pp)
     pp.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the file")
-    pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512, at most --max-seq-len)")
+    pp.add_argument("--window", type=int, default=None,
+                    help="tokens per window (default 512 or --max-seq-len if less; at most --max-seq-len)")
     pp.add_argument("--json", action="store_true", help='print {"perplexity", "tokens"}')
     pp.add_argument("file", metavar="FILE", help="UTF-8 text file")
     pp.set_defaults(func=cmd_perplexity, batch_size=1)
 
     ins = sub.add_parser("inspect", help="config, parameter count, dtypes and size of a model")
-    ins.add_argument("path", metavar="PATH", help="GGUF file, Hugging Face folder or shardlm checkpoint")
+    ins.add_argument("path", metavar="PATH", nargs="?", default=None,
+                     help="GGUF file, Hugging Face folder or shardlm checkpoint (default: the embedded model)")
     ins.add_argument("--json", action="store_true", help="one JSON object")
     ins.set_defaults(func=cmd_inspect)
 
@@ -356,14 +601,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library messages name Python parameters; on the command line the same values are flags.
+_FLAG_WORDS = re.compile(r"(?<![\w\"'-])(max_new_tokens|temperature|top_k|top_p|seed|max_seq_len|batch_size|"
+                         r"microbatches|max_tokens)(?![\w\"'])")
+
+
+def _flag_words(e: Exception) -> str:
+    from shardlm.checkpoints.gguf import CheckpointError
+
+    text = str(e)
+    return text if isinstance(e, CheckpointError) else _FLAG_WORDS.sub(lambda m: "--" + m[1].replace("_", "-"), text)
+
+
+def _exit_now(code: int) -> None:
+    """Flush and leave without interpreter teardown (JAX/XLA and Orbax threads may still run)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, RuntimeError):  # RuntimeError: reentrant, inside a signal handler
+            pass
+    os._exit(code)
+
+
+_ON_INTERRUPT: list = []  # cleanups for Ctrl-C (a convert's DST.partial), run before exiting 130
+
+
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C: clean up and exit 130 here, not by raising KeyboardInterrupt. Raised, it can land in
+    a callback whose exceptions Python ignores (JAX's gc callback: the command went on and exited
+    0), or unwind into interpreter teardown while XLA threads run (a segfault, exit 139)."""
+    os.write(2, b"\ninterrupted\n")
+    for cleanup in _ON_INTERRUPT:
+        cleanup()
+    _exit_now(130)
+
+
 def main(argv=None) -> int:
+    if argv is None:  # the command itself (in-process callers such as tests keep their own handler)
+        signal.signal(signal.SIGINT, _on_sigint)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if args.command is None:  # bare `shardlm`: what there is to do
+            parser.print_help(sys.stderr)
+            return 2
+        global _QUIET
+        _QUIET = getattr(args, "quiet", False)
         return args.func(args)
     except (UsageError, ValueError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_flag_words(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, print nothing more to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141 if argv is not None else _exit_now(141)
+    except OSError as e:  # the system said no (disk full, permissions): one line, exit 1
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # in-process callers; the command exits in _on_sigint
         print("interrupted", file=sys.stderr)
         return 130
 

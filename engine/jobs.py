@@ -19,11 +19,13 @@ same command skips ids that already have a result and lines that already have an
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -86,7 +88,7 @@ def _check_same_input(lines: list[str]) -> None:
         return
     from jax.experimental import multihost_utils
 
-    digest = hashlib.sha256("\n".join(lines).encode()).digest()[:8]
+    digest = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).digest()[:8]
     mine = np.frombuffer(digest, np.uint8).astype(np.int32)
     everyone = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 8]
     differ = [p for p in range(everyone.shape[0]) if not np.array_equal(everyone[p], everyone[0])]
@@ -109,20 +111,58 @@ class Line:
         return json.dumps(self.id)
 
 
+def _split_lines(data: bytes) -> list[bytes]:
+    """Lines split at b"\n" only (str.splitlines would also split inside a record at U+2028 and
+    the like); a trailing "\r" is dropped."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
 def read_lines(path: str) -> list[str]:
-    """The input's lines (blank lines kept, so line numbers match the file)."""
+    """The input's lines (blank lines kept, so line numbers match the file). A UTF-8 byte-order mark
+    is skipped; bytes that are not UTF-8 are kept as surrogate escapes, so that parse_line makes that
+    line an error record instead of silently replacing them."""
     if not os.path.isfile(path):
         raise ValueError(f"--input {path!r} is not a file")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read().splitlines()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"--input {path!r}: cannot read it: {e.strerror}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    return [raw.decode("utf-8", errors="surrogateescape") for raw in _split_lines(data)]
+
+
+_EXPECTED = {"max_new_tokens": "an integer", "top_k": "an integer", "seed": "an integer",
+             "temperature": "a number", "top_p": "a number", "ignore_eos": "true or false",
+             "stop_token_ids": "a list of integers"}
+
+
+def _check_json_type(name: str, value) -> None:
+    """A sampling field must have its JSON type: "yes" is not a boolean, "198" not a list of ids,
+    "hot" not a temperature (SamplingParams would read some of these as something else)."""
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    ok = {"an integer": integer,
+          "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "true or false": lambda v: isinstance(v, bool),
+          "a list of integers": lambda v: isinstance(v, list) and all(map(integer, v))}[_EXPECTED[name]](value)
+    if not ok:
+        raise ValueError(f"\"{name}\" must be {_EXPECTED[name]}, got {json.dumps(value)[:80]}")
 
 
 def parse_line(number: int, text: str, llm, defaults: SamplingParams, chat: bool) -> Line:
     """One input line -> a Line with token ids and sampling, or with `error` set."""
     line = Line(number)
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # read_lines kept undecodable bytes as surrogate escapes
+        line.error = f"the line is not valid UTF-8 (byte {e.start + 1} of the line)"
+        return line
+    try:
         obj = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         line.error = f"malformed JSON: {e}"
         return line
     if not isinstance(obj, dict):
@@ -140,6 +180,9 @@ def parse_line(number: int, text: str, llm, defaults: SamplingParams, chat: bool
         line.error = f"unknown fields {unknown}; allowed: {', '.join(_KNOWN_FIELDS)}"
         return line
     try:
+        for k in SAMPLING_FIELDS:
+            if k in obj:
+                _check_json_type(k, obj[k])
         sampling = dataclasses.replace(defaults, **{k: obj[k] for k in SAMPLING_FIELDS if k in obj})
         if ("prompt" in obj) == ("messages" in obj):
             raise ValueError("give exactly one of \"prompt\" (text) and \"messages\" (chat turns)")
@@ -150,7 +193,7 @@ def parse_line(number: int, text: str, llm, defaults: SamplingParams, chat: bool
             raise ValueError("\"messages\" must be a non-empty list of {\"role\": str, \"content\": str}")
         prompt = obj["prompt"] if "prompt" in obj else obj["messages"]
         line.request = llm.request(prompt, sampling, chat=chat and "prompt" in obj, key=line)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:  # whatever one line holds, it is that line's error
         line.error = str(e)
     return line
 
@@ -174,26 +217,90 @@ def parse_input(lines: list[str], llm, defaults: SamplingParams, chat: bool = Fa
 
 # ----- output -----
 
-def recover_output(path: str) -> list[dict]:
-    """The records already in `path`; a torn last line (no newline) is cut off the file."""
+_RECORD_START = b'{"id": '  # how every record Appender writes begins (json.dumps, "id" first)
+
+
+def _job_record(raw: bytes) -> dict | None:
+    """The record a whole output line holds, or None if it is not one of ours."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or "id" not in record:
+        return None
+    return record if {"error", "line"} <= record.keys() or "token_ids" in record else None
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (symlinks, hard links, ./x and x): device and inode."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def check_output(output_path: str, input_path: str) -> None:
+    """What can be known of --output before the model loads, touching nothing: a writable file (or
+    a new one in an existing, writable folder), not --input, and holding only job records."""
+    out = os.path.abspath(output_path)
+    if os.path.isdir(out):
+        raise ValueError(f"--output {output_path!r} is a folder; give the path of a JSONL file")
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output {output_path!r}: its folder does not exist")
+    if _same_file(out, input_path):
+        raise ValueError(f"--output {output_path!r} is the same file as --input {input_path!r}; give another path")
+    if os.path.exists(out):
+        if not os.path.isfile(out):
+            raise ValueError(f"--output {output_path!r} is not a regular file")
+        try:  # opening for append writes nothing
+            os.close(os.open(out, os.O_WRONLY | os.O_APPEND))
+        except OSError as e:
+            raise ValueError(f"--output {output_path!r} cannot be written: {e.strerror}") from None
+        read_output(out)
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output_path!r}: its folder {folder} is not writable")
+
+
+def read_output(path: str) -> tuple[list[dict], int | None]:
+    """The records in `path` and the length to cut a torn last line at (None: none), reading only.
+    Every whole line must be a job record and a torn tail must begin like one; otherwise this is
+    some other file and it is refused before anything is written to it."""
     if not os.path.exists(path):
-        return []
+        return [], None
     with open(path, "rb") as f:
         data = f.read()
-    whole = data[:data.rfind(b"\n") + 1]
-    if len(whole) < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(whole))
+    keep = data.rfind(b"\n") + 1
     records = []
-    for n, raw in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or "id" not in record:
+    for n, raw in enumerate(_split_lines(data[:keep]), 1):
+        record = _job_record(raw)
+        if record is None:
             raise ValueError(f"--output {path!r} line {n} is not a job record; is it another file? "
                              "(give a new path, or the output of an earlier run of this job)")
         records.append(record)
+    torn = data[keep:]
+    if torn and not (_RECORD_START.startswith(torn) or torn.startswith(_RECORD_START)):
+        raise ValueError(f"--output {path!r} line {len(records) + 1} is not a job record; is it another file? "
+                         "(give a new path, or the output of an earlier run of this job)")
+    return records, keep if torn else None
+
+
+def recover_output(path: str, parsed: list[Line] | None = None, n_lines: int | None = None) -> list[dict]:
+    """The records already in `path`, checked against this job's lines (`parsed`, of `n_lines` input
+    lines) when given; only then is a torn last line (no newline) cut off the file."""
+    records, cut = read_output(path)
+    if parsed is not None:
+        keys = {line.key for line in parsed if line.id is not None}
+        strange = [json.dumps(r["id"]) for r in records if "error" not in r and json.dumps(r["id"]) not in keys]
+        strange += [f"line {r['line']}" for r in records if "error" in r
+                    and not (isinstance(r["line"], int) and 1 <= r["line"] <= (n_lines or 0))]
+        if strange:
+            raise ValueError(f"--output {path!r} holds records that are not of this --input ({', '.join(strange[:3])}); "
+                             "is it the output of another job? (give a new path)")
+    if cut is not None:
+        with open(path, "r+b") as f:
+            f.truncate(cut)
     return records
 
 
@@ -220,16 +327,15 @@ def _done_mask(parsed: list[Line], records: list[dict]) -> np.ndarray:
     return np.asarray(done, np.int32)
 
 
-def _lines_done(parsed: list[Line], output_path: str) -> np.ndarray:
+def _lines_done(parsed: list[Line], output_path: str, input_path: str, n_lines: int) -> np.ndarray:
     """Process 0 checks the output and finds the lines already done; every process gets its answer
     (only process 0 may see the file), and all stop together if it refused the file."""
     view = np.zeros(len(parsed) + 1, np.int32)  # [done per line..., 1 if process 0 refused the output]
     error = None
     if jax.process_index() == 0:
         try:
-            if not os.path.isdir(os.path.dirname(os.path.abspath(output_path))):
-                raise ValueError(f"--output {output_path!r}: its folder does not exist")
-            view[:-1] = _done_mask(parsed, recover_output(output_path))
+            check_output(output_path, input_path)
+            view[:-1] = _done_mask(parsed, recover_output(output_path, parsed, n_lines))
         except ValueError as e:
             error, view[-1] = e, 1
     view = _broadcast_from_first(view)
@@ -246,13 +352,11 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
 
     Call it on every process of a multi-host job with the same arguments.
     """
-    if os.path.abspath(input_path) == os.path.abspath(output_path):
-        raise ValueError("--output must differ from --input")
     writer = jax.process_index() == 0
     lines = read_lines(input_path)
     _check_same_input(lines)
     parsed = parse_input(lines, llm, defaults, chat)
-    done = _lines_done(parsed, output_path)
+    done = _lines_done(parsed, output_path, input_path, len(lines))
     pending = [line for line, d in zip(parsed, done) if not d]
     bad = [line for line in pending if line.error]
     requests = [line.request for line in pending if not line.error]
@@ -304,23 +408,34 @@ def _progress_bar(total: int, enabled: bool):
 
 
 class _ProgressLines:
-    """The tqdm calls run_job makes, printed as whole lines at most every `every_s` seconds."""
+    """The tqdm calls run_job makes, printed as a whole line every `every_s` seconds by a timer
+    thread: also while no prompt finishes (long generations), which a check in update() missed."""
 
     def __init__(self, total: int, every_s: float = 10.0):
         self.total, self.n, self.postfix, self.every_s = total, 0, "", every_s
-        self.last = time.perf_counter()
+        self.t0 = time.perf_counter()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._tick, daemon=True, name="job-progress")
+        self.thread.start()
+
+    def _tick(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        eta = f"ETA {elapsed / self.n * (self.total - self.n):.0f} s" if self.n else "ETA unknown (none done yet)"
+        return f"job: {self.n}/{self.total} prompts, {self.postfix or '0.0 tok/s'}, {elapsed:.0f} s, {eta}"
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if time.perf_counter() - self.last >= self.every_s:
-            self.last = time.perf_counter()
-            print(f"job: {self.n}/{self.total} prompts, {self.postfix}", file=sys.stderr, flush=True)
 
     def set_postfix_str(self, text: str, refresh: bool = False) -> None:
         self.postfix = text
 
     def close(self) -> None:
-        pass
+        self.stopped.set()
+        self.thread.join()
 
 
 def format_summary(s: dict) -> str:

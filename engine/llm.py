@@ -29,6 +29,28 @@ def parse_dtype(name: str):
     return DTYPES[name]
 
 
+def check_max_seq_len(max_seq_len: int | None, config) -> int:
+    """The tokens a slot holds: None is 1024 or the model's context if shorter; more than the
+    context is an error, never silently less."""
+    if max_seq_len is None:
+        return min(1024, config.max_seq_len)
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    if max_seq_len > config.max_seq_len:
+        raise ValueError(f"max_seq_len {max_seq_len} is more than the model's context of {config.max_seq_len} "
+                         f"tokens; give at most {config.max_seq_len}")
+    return max_seq_len
+
+
+def check_text(text: str, what: str = "prompt") -> None:
+    """Text must be Unicode the tokenizer can take: invalid UTF-8 (a command-line argument decodes it
+    to surrogate escapes) or a lone surrogate (a JSON "\\ud800") is an error, not silently replaced."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 text (character {e.start + 1}: {text[e.start]!r})") from None
+
+
 @dataclass
 class Completion:
     text: str
@@ -58,7 +80,7 @@ class LLM:
     @classmethod
     def load(cls, model: str | None = None, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
              prefill_layout: str | None = None, decode_layout: str | None = None, attention: str = "auto",
-             dtype: str = "float32", batch_size: int = 8, max_seq_len: int = 1024,
+             dtype: str = "float32", batch_size: int = 8, max_seq_len: int | None = None,
              progress: Callable[[int], None] | None = None, microbatches: int | None = None,
              quantize: str | None = None, kv_cache: str | None = None) -> "LLM":
         """Load a model onto a mesh: a GGUF file (None: the embedded SmolLM2-135M-Instruct), a Hugging
@@ -71,7 +93,8 @@ class LLM:
         `shardlm layouts`); default replicated on one device, else 2d_weight_stationary.
         attention: "auto", "heads" or "batch" (batch-sharded KV cache for multiquery/GQA).
         batch_size is the number of decode slots; max_seq_len the tokens (prompt plus generated)
-        each slot holds, capped at the model's context length.
+        each slot holds (default: 1024 or the model's context if shorter; more than the context is
+        an error).
         microbatches: with a stage axis > 1 (pipeline stages; L layers over N stages, the first
         L mod N stages one layer more), the microbatches each step's tokens are split into
         (default: the number of stages; see sharding.pipeline).
@@ -82,15 +105,18 @@ class LLM:
         dtype = None if dtype is None else parse_dtype(dtype)  # None: a shardlm checkpoint's saved dtype
         quantize, kv_cache = quant.check_mode(quantize), quant.check_kv_mode(kv_cache)
         check_not_quantized(mesh_shape, quantize or kv_cache)
-        placement = Placement.make(loader.read_config(model), mesh_shape=mesh_shape, layout=layout,
+        config = loader.read_config(model)
+        check_max_seq_len(max_seq_len, config)  # before the (slow) load
+        placement = Placement.make(config, mesh_shape=mesh_shape, layout=layout,
                                    prefill_layout=prefill_layout, decode_layout=decode_layout, attention=attention,
                                    batch_size=batch_size, microbatches=microbatches)
         loaded = loader.load(model, placement=placement, dtype=dtype, progress=progress, quantize=quantize)
         return cls._build(loaded, placement, batch_size, max_seq_len, jnp.int8 if kv_cache else None)
 
     @classmethod
-    def _build(cls, loaded, placement: Placement, batch_size: int, max_seq_len: int, cache_dtype=None) -> "LLM":
-        engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=min(max_seq_len, loaded.config.max_seq_len),
+    def _build(cls, loaded, placement: Placement, batch_size: int, max_seq_len: int | None, cache_dtype=None) -> "LLM":
+        max_seq_len = check_max_seq_len(max_seq_len, loaded.config)
+        engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=max_seq_len,
                         placement=placement, cache_dtype=cache_dtype)
         # The engine holds the parameters (stacked under a pipeline): drop the loader's module.
         return cls(dataclasses.replace(loaded, model=None), engine)
@@ -123,6 +149,7 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty: give some text or token ids")
+            check_text(prompt)
             if chat:
                 prompt = [{"role": "user", "content": prompt}]
             else:
@@ -131,6 +158,8 @@ class LLM:
             ok = all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
             if not ok:
                 raise ValueError("\"messages\" must be a non-empty list of {\"role\": str, \"content\": str}")
+            for m in prompt:
+                check_text(m["role"], "a message's role"), check_text(m["content"], "a message's content")
             tokenizer = self._tokenizer_for("chat messages")
             ids = tokenizer.encode(tokenizer.apply_chat_template(list(prompt)))
         elif not isinstance(prompt, str):
@@ -154,14 +183,18 @@ class LLM:
         return batching.Request(self.encode(prompt, chat), sampling or SamplingParams(), self.stop_token_ids, key=key)
 
     def run(self, requests: Sequence[batching.Request], *, on_result: Callable[[object, Completion], None] | None = None,
-            on_step: Callable[[int], None] | None = None) -> list[Completion]:
+            on_step: Callable[[int], None] | None = None,
+            on_token: Callable[[object, list[int]], None] | None = None) -> list[Completion]:
         """Complete requests (from `request`) through continuous batching; Completions in request
-        order. `on_result(key, completion)` sees each as it finishes, `on_step(n)` each decode step."""
+        order. `on_result(key, completion)` sees each as it finishes, `on_step(n)` each decode step,
+        `on_token(key, token_ids)` a request's generated ids so far after each token (streaming)."""
         def finished(result: batching.Result) -> None:
             if on_result is not None:
                 on_result(result.key, self._completion(result))
 
-        results = batching.run(self.engine, self.params, requests, on_result=finished, on_step=on_step)
+        streamed = None if on_token is None else (lambda result: on_token(result.key, result.token_ids))
+        results = batching.run(self.engine, self.params, requests, on_result=finished, on_step=on_step,
+                               on_token=streamed)
         return [self._completion(r) for r in results]
 
     def _completion(self, r: batching.Result) -> Completion:

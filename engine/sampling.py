@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -27,20 +30,34 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name, allowed in (("max_new_tokens", " >= 1"), ("top_k", " >= 0 (0 disables it)"), ("seed", "")):
+        ids = self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                    for t in ids):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        # seed and top_k go to the device as int32: a larger value is an error here, not an overflow there.
+        for name, low, allowed in (("max_new_tokens", 1, " >= 1"), ("top_k", 0, " >= 0 (0 disables it)"),
+                                   ("seed", INT32_MIN, "")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an integer{allowed}, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be an integer{allowed or f' >= {low}'}, got {value!r}")
+            if name != "max_new_tokens" and value > INT32_MAX:
+                raise ValueError(f"{name} must be at most {INT32_MAX} (a 32-bit integer), got {value!r}")
             object.__setattr__(self, name, int(value))
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            try:
+                object.__setattr__(self, name, float(value))
+            except OverflowError:  # an integer too large for a float
+                object.__setattr__(self, name, math.inf)
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
 
 
 def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:

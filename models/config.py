@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+
+_HF_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "max_position_embeddings", "head_dim")
+_HF_NUMBERS = ("rms_norm_eps", "rope_theta")
+
+
+def _check_hf_types(hf: dict) -> None:
+    """config.json fields of the wrong JSON type ("vocab_size": "49152") are errors naming the field,
+    not a crash or a silent conversion later."""
+    for key in _HF_INTS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{key} must be a non-negative integer, got {json.dumps(value)}")
+    for key in _HF_NUMBERS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{key} must be a number, got {json.dumps(value)}")
+    if "tie_word_embeddings" in hf and not isinstance(hf["tie_word_embeddings"], bool):
+        raise ValueError(f"tie_word_embeddings must be true or false, got {json.dumps(hf['tie_word_embeddings'])}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,7 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture {model_type!r} ({hf.get('architectures')}); "
                              "supported model_type: llama, mistral, qwen2")
         defaults = _HF_DEFAULTS[model_type]
+        _check_hf_types(hf)
         n_heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
         head_dim = hf.get("head_dim")
         if not head_dim:

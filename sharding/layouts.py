@@ -91,8 +91,11 @@ class Layout:
         batch_ok = batch % size(live) == 0 and size(live) > 1
         heads_short = n_kv_heads % size(self.heads_axes) != 0 or n_kv_heads < size(self.heads_axes)
         use_batch = attention == "batch" or (attention == "auto" and phase == "decode" and heads_short and batch_ok)
+        if attention == "batch" and size(live) == 1:
+            raise ValueError("batch-sharded attention (--attention batch) splits the KV cache over devices; "
+                             "on one device use heads or auto")
         if attention == "batch" and not batch_ok:
-            raise ValueError(f"batch-sharded attention needs the batch ({batch}) to be a multiple of the "
+            raise ValueError(f"batch-sharded attention needs the {phase} batch ({batch}) to be a multiple of the "
                              f"{size(live)} devices of mesh {dict(mesh.shape)}")
         if use_batch:
             m.update(attn_batch=live, attn_heads=(), attn_kv_heads=())

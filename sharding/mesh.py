@@ -19,6 +19,8 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, sep, size = part.partition("=")
         if not sep or not size.strip().isdigit():
             raise ValueError(f"bad mesh {text!r}: expected axis=size pairs like x=2,y=2,z=2")
+        if name.strip() in shape:  # x=2,x=4 is a mistake, not x=4
+            raise ValueError(f"bad mesh {text!r}: axis {name.strip()!r} is given twice")
         shape[name.strip()] = int(size)
     return shape
 

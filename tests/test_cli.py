@@ -58,11 +58,11 @@ def bad_files(tmp_path_factory, gguf_path):
 EARLY_ERRORS = {
     "empty prompt": ([""], ["prompt is empty"]),
     "empty second prompt": (["hello", ""], ["prompt is empty"]),
-    "max-new-tokens 0": (["--max-new-tokens", "0", "hi"], ["max_new_tokens", ">= 1", "got 0"]),
-    "temperature -1": (["--temperature", "-1", "hi"], ["temperature", ">= 0", "-1"]),
-    "top-p 0": (["--top-p", "0", "hi"], ["top_p", "(0, 1]", "got 0.0"]),
-    "top-p 1.5": (["--top-p", "1.5", "hi"], ["top_p", "(0, 1]", "got 1.5"]),
-    "top-k -1": (["--top-k", "-1", "hi"], ["top_k", ">= 0", "got -1"]),
+    "max-new-tokens 0": (["--max-new-tokens", "0", "hi"], ["--max-new-tokens", ">= 1", "got 0"]),
+    "temperature -1": (["--temperature", "-1", "hi"], ["--temperature", ">= 0", "-1"]),
+    "top-p 0": (["--top-p", "0", "hi"], ["--top-p", "(0, 1]", "got 0.0"]),
+    "top-p 1.5": (["--top-p", "1.5", "hi"], ["--top-p", "(0, 1]", "got 1.5"]),
+    "top-k -1": (["--top-k", "-1", "hi"], ["--top-k", ">= 0", "got -1"]),
     "top-k not a number": (["--top-k", "many", "hi"], ["--top-k", "invalid int value", "'many'"]),
     "unknown dtype": (["--dtype", "float16", "hi"], ["unknown dtype 'float16'", "bfloat16"]),
     "missing PROMPT": ([], ["required", "PROMPT"]),
@@ -85,10 +85,12 @@ def test_early_mistakes_are_one_error_line_in_process(case, bad_files, capsys):
     assert_usage_error(rc, out, err, *fragments)
 
 
-def test_missing_subcommand_is_one_error_line(capsys):
+def test_bare_command_prints_usage_and_the_verbs(capsys):
     rc = main([])
     out, err = capsys.readouterr()
-    assert_usage_error(rc, out, err, "required", "command")
+    assert rc == 2 and out == "" and "usage: shardlm" in err
+    for verb in ("generate", "chat", "run", "launch", "convert", "inspect", "perplexity", "layouts", "plan"):
+        assert f"    {verb}" in err
 
 
 @pytest.mark.parametrize("case", ["top-p 1.5", "missing PROMPT", "not a GGUF file", "truncated GGUF"])

@@ -315,3 +315,78 @@ def test_lost_process_stops_the_others_without_launcher(tiny, job, launcher_env,
     # heartbeat check or the error poll gets there first.
     assert re.search(r"Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\s", err), err[-3000:]
     assert BAD_LINES + 2 <= len(read_records(output)) < N_PROMPTS + BAD_LINES  # whole lines, job unfinished
+
+
+# ----- files a user gave are never damaged; one bad line is that line's error -----
+
+@pytest.mark.parametrize("content", [b"my notes", b"my notes\nmore notes", b'{"a": 1}\n', b'{"id": 1}\n',
+                                     b'{"id": "other-job", "text": "", "token_ids": [], "finish_reason": "stop", '
+                                     b'"prompt_tokens": 1, "completion_tokens": 0}\n{"id": "p1", "te',
+                                     b"\xff\xfe not utf-8\n", b'{"id": 0, "token_ids": []}\nnotes'])
+def test_output_that_is_not_this_jobs_is_left_byte_identical(one_device, job, tmp_path, content):
+    llm, _ = one_device
+    out = tmp_path / "given.txt"
+    out.write_bytes(content)
+    with pytest.raises(ValueError, match="not a job record|not of this --input"):
+        jobs.run_job(llm, job, str(out), DEFAULTS, progress=False)
+    assert out.read_bytes() == content
+    # The CLI refuses it before loading any model.
+    assert main(["run", "--model", "/no/such/model.gguf", "--input", job, "--output", str(out)]) == 2
+    assert out.read_bytes() == content
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "dot"])
+def test_output_that_is_the_input_under_another_name_is_refused(job, tmp_path, monkeypatch, capsys, how):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(open(job, "rb").read())
+    monkeypatch.chdir(tmp_path)
+    if how == "symlink":
+        os.symlink(src, tmp_path / "out.jsonl")
+    elif how == "hardlink":
+        os.link(src, tmp_path / "out.jsonl")
+    other = {"dot": "./in.jsonl"}.get(how, "out.jsonl")
+    before = src.read_bytes()
+    assert main(["run", "--model", "/no/such/model.gguf", "--input", "in.jsonl", "--output", other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "same file as --input" in err[0], err
+    assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("where, fragment", [("dir", "is a folder"), ("missing/out.jsonl", "folder does not exist")])
+def test_bad_output_path_is_refused_before_the_model_loads(job, tmp_path, capsys, where, fragment):
+    (tmp_path / "dir").mkdir()
+    assert main(["run", "--input", job, "--output", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and "loading" not in err[0], err
+
+
+POISON = {  # line -> a fragment of its error record
+    b'{"id": "seed", "prompt": "hi", "seed": 99999999999999999999999}': "seed must be at most 2147483647",
+    b'{"id": "topk", "prompt": "hi", "top_k": 3000000000}': "top_k must be at most",
+    b'{"id": "eos", "prompt": "hi", "ignore_eos": "yes"}': '"ignore_eos" must be true or false, got "yes"',
+    b'{"id": "stops", "prompt": "hi", "stop_token_ids": "198"}': '"stop_token_ids" must be a list of integers',
+    b'{"id": "hot", "prompt": "hi", "temperature": "hot"}': '"temperature" must be a number, got "hot"',
+    b'{"id": "inf", "prompt": "hi", "temperature": 1e999}': "temperature must be a finite number",
+    b'{"id": "many", "prompt": "hi", "max_new_tokens": 2.5}': '"max_new_tokens" must be an integer',
+    b'{"id": "bytes", "prompt": "caf\xe9"}': "not valid UTF-8",
+    b'{"id": "surrogate", "prompt": "\\ud800"}': "not valid UTF-8",
+    b'{"id": "deep", "prompt": ' + b"[" * 100000 + b"}": "malformed JSON",
+}
+
+
+def test_poisoned_lines_are_their_own_error_records_and_the_rerun_completes(one_device, tmp_path):
+    llm, _ = one_device
+    job = tmp_path / "poisoned.jsonl"
+    good = [b'{"id": "first", "prompt": "the quick brown fox"}', '{"id": "sep", "prompt": "a\u2028b"}'.encode()]
+    lines = list(POISON) + good
+    job.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # with a UTF-8 byte-order mark
+    out = tmp_path / "out.jsonl"
+    summary = jobs.run_job(llm, str(job), str(out), DEFAULTS, progress=False)
+    assert summary["prompts"] == 2 and summary["errors"] == len(POISON)
+    records = read_records(out)
+    for number, fragment in enumerate(POISON.values(), 1):
+        assert fragment in records[("error", number)]["error"], (number, records[("error", number)])
+    assert {'"first"', '"sep"'} <= records.keys()  # the BOM line ran; U+2028 did not split a line
+    before = out.read_bytes()
+    summary = jobs.run_job(llm, str(job), str(out), DEFAULTS, progress=False)  # its own output is accepted
+    assert summary["prompts"] == 0 and summary["skipped"] == len(lines) and out.read_bytes() == before

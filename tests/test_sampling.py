@@ -51,6 +51,11 @@ def softmax(x) -> np.ndarray:
     ({"top_k": -1}, "top_k", ">= 0"),
     ({"top_k": 2.0}, "top_k", ">= 0"),
     ({"seed": 1.5}, "seed", "integer"),
+    ({"seed": 2**31}, "seed", "32-bit"),  # the device takes int32: refused here, not overflowing there
+    ({"top_k": 3 * 10**9}, "top_k", "32-bit"),
+    ({"temperature": float("inf")}, "temperature", "finite"),
+    ({"temperature": "hot"}, "temperature", "a number"),
+    ({"stop_token_ids": "198"}, "stop_token_ids", "list of integers"),  # not (1, 9, 8)
 ])
 def test_params_reject_out_of_range(kwargs, field, allowed):
     with pytest.raises(ValueError) as e:
