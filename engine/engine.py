@@ -72,6 +72,19 @@ def sampling_arrays(sp: SamplingParams):
     return (np.float32(sp.temperature), np.int32(sp.top_k), np.float32(sp.top_p), np.int32(sp.seed))
 
 
+def check_prompt(tokens, max_seq_len: int, vocab_size: int) -> None:
+    """A prompt an engine can run: 1 to max_seq_len - 1 token ids inside the vocabulary."""
+    n = len(tokens)
+    if n == 0:
+        raise ValueError("prompt is empty: give at least one token")
+    if n >= max_seq_len:
+        raise ValueError(f"prompt has {n} tokens; the context holds {max_seq_len} tokens in all "
+                         f"(prompt plus generated), so a prompt may have at most {max_seq_len - 1}")
+    bad = [t for t in tokens if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+
 @dataclass(frozen=True, eq=False)
 class Step:
     """Everything a traced step depends on besides its array arguments: a static jit argument, so a
@@ -232,15 +245,7 @@ class Engine:
         raise ValueError(f"prompt of {length} tokens is longer than the context ({self.max_seq_len} tokens)")
 
     def check_prompt(self, tokens) -> None:
-        n = len(tokens)
-        if n == 0:
-            raise ValueError("prompt is empty: give at least one token")
-        if n >= self.max_seq_len:
-            raise ValueError(f"prompt has {n} tokens; the context holds {self.max_seq_len} tokens in all "
-                             f"(prompt plus generated), so a prompt may have at most {self.max_seq_len - 1}")
-        bad = [t for t in tokens if not 0 <= int(t) < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})")
+        check_prompt(tokens, self.max_seq_len, self.cfg.vocab_size)
 
     def _padded(self, tokens) -> np.ndarray:
         self.check_prompt(tokens)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shardlm.engine.engine import TRACES, Step
+from shardlm.engine.engine import TRACES, Step, check_prompt
 from shardlm.engine.kv_cache import PagedKVCache
 from shardlm.engine.kv_pages import PagePool
 from shardlm.engine.sampling import row_keys, sample
@@ -155,15 +155,7 @@ class PagedEngine:
         return self.strategy.merge(self.graphdef, self.params)
 
     def check_prompt(self, tokens) -> None:
-        n = len(tokens)
-        if n == 0:
-            raise ValueError("prompt is empty: give at least one token")
-        if n >= self.max_seq_len:
-            raise ValueError(f"prompt has {n} tokens; the context holds {self.max_seq_len} tokens in all "
-                             f"(prompt plus generated), so a prompt may have at most {self.max_seq_len - 1}")
-        bad = [t for t in tokens if not 0 <= int(t) < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})")
+        check_prompt(tokens, self.max_seq_len, self.cfg.vocab_size)
 
     def new_pool(self) -> PagePool:
         """A host PagePool for this engine's pools (scheduler.run makes its own)."""
