@@ -164,3 +164,36 @@ def test_chat_through_a_pipe_keeps_the_history_the_template_renders(tiny, monkey
         history.append({"role": "assistant", "content": answer})
     expected.append(tok.encode(tok.apply_chat_template(system + [{"role": "user", "content": "start again"}])))
     assert prompts == expected
+
+
+def test_sigint_during_convert_leaves_no_partial_checkpoint(tmp_path):
+    """Ctrl-C while the checkpoint is being written: exit 130, one line, no traceback, nothing at
+    DST or DST.partial; the next convert then succeeds."""
+    from shardlm.checkpoints.loader import embedded_model_path
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    dst = tmp_path / "ck"
+    partial = tmp_path / "ck.partial"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "shardlm"), "convert", embedded_model_path(), str(dst)]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not partial.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert partial.exists(), "the save never started"
+    p.send_signal(signal.SIGINT)
+    err = p.stderr.read()
+    assert p.wait() == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert not partial.exists() and not dst.exists()
+
+
+def test_job_progress_prints_a_line_on_a_timer_even_when_nothing_finishes(capsys):
+    from shardlm.engine.jobs import _ProgressLines
+
+    bar = _ProgressLines(3, every_s=0.05)  # what run_job shows where stderr is not a terminal, every 10 s
+    bar.set_postfix_str("12.5 tok/s")
+    time.sleep(0.3)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 3, lines
+    assert all(line.startswith("job: 0/3 prompts, 12.5 tok/s") and "ETA" in line for line in lines), lines
