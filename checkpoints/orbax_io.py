@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -82,6 +83,18 @@ def _save_checkpointer(largest_nbytes: int):
     return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=max(0.25, 2 * largest_nbytes / 1e9)))
 
 
+def can_create_files_in(folder: str) -> bool:
+    """Whether a file can be created in `folder`, tried with a temporary file (removed at once):
+    permission bits alone miss read-only mounts and the root user's view of them."""
+    try:
+        fd, path = tempfile.mkstemp(dir=folder, prefix=".shardlm-write-check-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(path)
+    return True
+
+
 def check_destination(dst: str, force: bool) -> str:
     """The absolute DST; raises before anything is written if it exists and `force` is off."""
     dst = os.path.abspath(os.path.expanduser(dst))
@@ -91,7 +104,7 @@ def check_destination(dst: str, force: bool) -> str:
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.lexists(folder) else "does not exist"
         raise CheckpointError(f"cannot create the destination {dst}: {folder} {what}")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    if not can_create_files_in(folder):
         raise CheckpointError(f"cannot create the destination {dst}: the folder {folder} is not writable")
     return dst
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from shardlm.checkpoints.orbax_io import can_create_files_in
 from shardlm.engine import batching
 from shardlm.engine.llm import completion_record
 from shardlm.engine.sampling import SamplingParams
@@ -259,7 +260,7 @@ def check_output(output_path: str, input_path: str) -> None:
         except OSError as e:
             raise ValueError(f"--output {output_path!r} cannot be written: {e.strerror}") from None
         read_output(out)
-    elif not os.access(folder, os.W_OK | os.X_OK):
+    elif not can_create_files_in(folder):
         raise ValueError(f"--output {output_path!r}: its folder {folder} is not writable")
 
 

@@ -58,6 +58,10 @@ MISTAKES = {  # argv -> fragments of the one error line
                                       ["--attention batch", "one device"]),
     "convert under a file": (["convert", "{tiny}", "{tiny}/ckpt"], ["is not a folder"]),
     "convert under a missing folder": (["convert", "{tiny}", "/no/such/folder/ckpt"], ["does not exist"]),
+    # /proc takes no new files, whoever asks (the tests run as root, for whom permission bits do not stop a write)
+    "convert into a folder that takes no files": (["convert", "{tiny}", "/proc/ckpt"], ["/proc is not writable"]),
+    "run output in a folder that takes no files": (["run", "--input", "{here}", "--output", "/proc/out.jsonl"],
+                                                   ["/proc is not writable"]),
 }
 
 
