@@ -148,7 +148,9 @@ def test_other_mesh_shapes(mesh, layout):
 
 
 def _spec(array):
-    return array.sharding.spec
+    """The array's PartitionSpec with one entry per dimension (trailing replicated dims spelled out)."""
+    spec = array.sharding.spec
+    return P(*spec, *([None] * (array.ndim - len(spec))))
 
 
 def test_weights_and_cache_carry_their_layout(base):
@@ -258,15 +260,23 @@ def test_engines_share_the_jitted_steps_but_each_runs_its_own_layout():
     from shardlm.engine import engine as engine_module
 
     cfg = CFG.replace(n_kv_heads=8)
+
+    def step(engine):  # one decode step through the shared jitted function
+        state, _ = engine.generate(engine.params, engine.init_decode_state())
+        return jax.block_until_ready(state)
+
     before = engine_module.generate_step._cache_size()
     one_d, two_d = _engine(cfg, "1d_weight_stationary"), _engine(cfg, "2d_weight_stationary")
+    step(one_d), step(two_d)
+    assert engine_module.generate_step._cache_size() == before + 2
+    assert one_d.compiled_count()["generate"] == two_d.compiled_count()["generate"] == 1
     first = per_layer(compiled_collectives(one_d, "decode"))
     second = per_layer(compiled_collectives(two_d, "decode"))
     assert first != second
+    step(one_d)
     assert per_layer(compiled_collectives(one_d, "decode")) == first  # still its own program
-    assert engine_module.generate_step._cache_size() == before + 2
-    assert one_d.compiled_count()["generate"] == two_d.compiled_count()["generate"] == 1
     # An equal engine (same model graph, mesh and rules) reuses the program: nothing new compiled.
     again = _engine(cfg, "1d_weight_stationary")
-    assert per_layer(compiled_collectives(again, "decode")) == first
+    step(again)
     assert engine_module.generate_step._cache_size() == before + 2
+    assert per_layer(compiled_collectives(again, "decode")) == first
