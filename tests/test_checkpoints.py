@@ -88,6 +88,7 @@ def _hf_greedy(model, prompt=PROMPT):
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 def test_hf_import_and_convert_equal_transformers(hf_case, tmp_path):
     family, folder, ref_logits, ref_greedy = hf_case
     assert len([f for f in os.listdir(folder) if f.endswith(".safetensors")]) > 2  # really sharded
@@ -116,6 +117,7 @@ def _placed_llm(path, devices, layout):
     return loaded.model, tokens
 
 
+@pytest.mark.slow
 def test_save_on_one_mesh_restore_on_others(tmp_path):
     """Saved from 2D weight-stationary on x=2,y=2,z=2; restored to 1D weight-stationary on x=4 and to one
     device: same greedy tokens as HF, each array in the target's sharding."""
@@ -177,6 +179,7 @@ def test_cli_convert_inspect_and_force(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["ck", "hf"]  # no .partial / .old left behind
 
 
+@pytest.mark.slow
 def test_gguf_tokenizer_travels_into_checkpoint(llm, gguf_path, tmp_path):
     """The tokenizer built from GGUF metadata, written into a checkpoint and read back: same ids, chat
     prompt and stop tokens (`shardlm convert` of a GGUF writes it this way)."""
@@ -359,6 +362,7 @@ def long_case(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", ["rope_parameters", "legacy"])
+@pytest.mark.slow
 def test_long_prompt_rope_equals_transformers(long_case, layout):
     """Llama 3 (llama3 scaling, theta 500000), Mistral and Qwen2 (theta 1e6), both config layouts: logits
     within 1e-5 of HF over 1,100 positions and the same greedy tokens."""

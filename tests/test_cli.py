@@ -94,18 +94,21 @@ def test_bare_command_prints_usage_and_the_verbs(capsys):
 
 
 @pytest.mark.parametrize("case", ["top-p 1.5", "missing PROMPT", "not a GGUF file", "truncated GGUF"])
+@pytest.mark.slow
 def test_early_mistakes_exit_2_in_a_real_process(case, bad_files):
     argv, fragments = _argv(case, bad_files)
     p = run_cli(*argv)
     assert_usage_error(p.returncode, p.stdout, p.stderr, *fragments)
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_the_context_exits_2_after_loading():
     p = run_cli("generate", "--max-seq-len", "64", "--max-new-tokens", "4", "word " * 100)
     assert_usage_error(p.returncode, p.stdout, p.stderr, "the context holds 64 tokens", "at most 63")
     assert "compiling and generating" not in p.stderr  # refused before any work
 
 
+@pytest.mark.slow
 def test_chat_answers_the_capital_of_france():
     p = run_cli("generate", "--chat", CAPITAL)
     assert p.returncode == 0, p.stderr

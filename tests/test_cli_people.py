@@ -66,6 +66,7 @@ MISTAKES = {  # argv -> fragments of the one error line
 
 
 @pytest.mark.parametrize("case", list(MISTAKES))
+@pytest.mark.slow
 def test_mistakes_are_one_error_line(case, tiny, capsys):
     argv, fragments = MISTAKES[case]
     rc = main([a.format(tiny=tiny, here=__file__) for a in argv])
@@ -84,6 +85,7 @@ def test_wrong_json_types_in_config_json_name_the_field(tmp_path):
         read_config(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_closed_stdout_and_invalid_utf8_argument_in_a_real_process(tiny):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [os.path.join(os.path.dirname(sys.executable), "shardlm"), "generate", "--model", tiny,
@@ -111,6 +113,7 @@ def test_sigint_to_generate_exits_130_every_time(tiny):
     assert codes == [130] * 20
 
 
+@pytest.mark.slow
 def test_generate_streams_what_json_prints_and_reads_stdin(tiny, capsys, monkeypatch):
     import io
 
@@ -151,6 +154,7 @@ def _chat(tiny, monkeypatch, capsys, turns: list[str], *extra):
     return out, prompts
 
 
+@pytest.mark.slow
 def test_chat_through_a_pipe_keeps_the_history_the_template_renders(tiny, monkeypatch, capsys):
     turns = ["hello there", "what is a fox", "and a dog", "/reset", "start again"]
     out_json, _ = _chat(tiny, monkeypatch, capsys, turns, "--json")
@@ -170,6 +174,7 @@ def test_chat_through_a_pipe_keeps_the_history_the_template_renders(tiny, monkey
     assert prompts == expected
 
 
+@pytest.mark.slow
 def test_sigint_during_convert_leaves_no_partial_checkpoint(tmp_path):
     """Ctrl-C while the checkpoint is being written: exit 130, one line, no traceback, nothing at
     DST or DST.partial; the next convert then succeeds."""

@@ -27,6 +27,7 @@ def _full_logits(model, tokens):
     TINY.replace(n_kv_heads=4, qkv_bias=True),  # multihead, Qwen2-style bias
     TINY.replace(rope_scaling=RopeScaling("llama3", factor=8.0, original_max_position=32)),
 ])
+@pytest.mark.slow
 def test_prefill_then_decode_equals_full_forward(cfg):
     model = Llama(cfg, rngs=nnx.Rngs(1))
     if cfg.qkv_bias:  # non-zero biases so they are exercised
@@ -76,6 +77,7 @@ def alone(llm):
     return {p: llm.generate([p], sp, chat=True)[0].token_ids for p in PROMPTS}
 
 
+@pytest.mark.slow
 def test_batch_of_mixed_lengths_equals_alone(llm, alone):
     out = llm.generate(PROMPTS[:4], SamplingParams(max_new_tokens=16), chat=True)  # 4 prompts, 4 slots
     assert [c.token_ids for c in out] == [alone[p] for p in PROMPTS[:4]]
@@ -87,6 +89,7 @@ def test_more_prompts_than_slots_equals_alone(llm, alone):
     assert all(c.finish_reason in ("stop", "length") for c in out)
 
 
+@pytest.mark.slow
 def test_sampled_output_reproducible_and_independent_of_batching(llm):
     sp = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=123, max_new_tokens=12)
     first = llm.generate(PROMPTS[:6], sp)

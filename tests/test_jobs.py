@@ -168,6 +168,7 @@ def two_processes(tiny, job, launcher_env, tmp_path_factory):
     return read_records(output)
 
 
+@pytest.mark.slow
 def test_job_records(one_device):
     llm, records = one_device
     results = {k: r for k, r in records.items() if k[0] != "error"}
@@ -191,6 +192,7 @@ def test_job_records(one_device):
     assert records[("error", n + 4)]["id"] == "long" and "at most 127" in records[("error", n + 4)]["error"]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_one_device(tiny, job, one_device, two_processes, tmp_path):
     eight = LLM.load(tiny, mesh_shape=MESH, layout="2d_weight_stationary", batch_size=SLOTS, max_seq_len=MAX_SEQ_LEN)
     assert eight.placement.mesh.size == 8
@@ -201,6 +203,7 @@ def test_two_processes_equal_one_process_and_one_device(tiny, job, one_device, t
     assert sum(len(r.get("token_ids", ())) for r in reference.values()) > N_PROMPTS * 4  # real generations
 
 
+@pytest.mark.slow
 def test_slots_do_not_change_greedy_results(one_device, job, tmp_path):
     llm, four = one_device
     for slots in (1, 16):

@@ -93,6 +93,7 @@ def test_errors_say_what_is_allowed():
         pool.allocate("a", -1)
 
 
+@pytest.mark.slow
 def test_allocator_drives_paged_attention():
     """Pages from the allocator (one freed and reused with stale contents) through write_kv and
     paged_attention: packed prefill, then decode steps that cross page boundaries, equal a plain

@@ -117,6 +117,7 @@ def _equal_to_one_device(cfg, model, mesh, layout, batch):
 
 
 @pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "replicated"])
+@pytest.mark.slow
 def test_grouped_query_layouts_at_batch_8(layout):
     """Batch 8, so weight-gathered decode runs truly weight-gathered (on SmolLM2, XLA:CPU's weight
     all-gathers take ~2 s a step; the layouts notebook runs them for a few steps). 2 kv heads for 8
@@ -143,6 +144,7 @@ ODD_HEADS = ModelConfig("odd-heads", vocab_size=512, d_model=576, n_layers=2, n_
 
 @pytest.mark.parametrize("mesh,layout", [({"x": 8}, "1d_weight_stationary"), ({"x": 2, "y": 4}, "2d_weight_stationary"),
                                          ({"x": 4, "y": 2}, "2d_weight_stationary"), ({"z": 8}, "1d_weight_stationary")])
+@pytest.mark.slow
 def test_other_mesh_shapes(mesh, layout):
     _equal_to_one_device(ODD_HEADS, _random_model(ODD_HEADS, 4), mesh, layout, batch=4)
 
@@ -225,6 +227,7 @@ def _pope_mlp(layout, tokens, E, F, f32=4):
 
 @pytest.mark.parametrize("layout", ["1d_weight_stationary", "2d_weight_stationary", "weight_gathered_x",
                                     "weight_gathered_xy", "weight_gathered_xyz"])
+@pytest.mark.slow
 def test_compiled_collectives_match_pope_and_planner(layout):
     """Per layer, decode (batch 8 x 1) and prefill (1 x 32 positions): the feed-forward collectives
     equal Pope et al.'s data flow, and the feed-forward and attention ones the planner's prediction."""
@@ -243,6 +246,7 @@ def test_compiled_collectives_match_pope_and_planner(layout):
             assert got == {k: sorted(v) for k, v in want.items()}, (phase, block)
 
 
+@pytest.mark.slow
 def test_multiquery_decode_uses_batch_sharded_cache_and_all_to_all():
     mqa = CFG.replace(n_kv_heads=1)
     engine = _engine(mqa, "2d_weight_stationary")
@@ -254,6 +258,7 @@ def test_multiquery_decode_uses_batch_sharded_cache_and_all_to_all():
     assert "all-to-all" not in kinds
 
 
+@pytest.mark.slow
 def test_engines_share_the_jitted_steps_but_each_runs_its_own_layout():
     """The step functions are module-level and shared; the Step (mesh, rules) is a static argument,
     so an engine never runs a program traced under another engine's rules."""

@@ -113,6 +113,7 @@ def test_rows_of_several_queries_are_causal():
 
 
 @pytest.mark.parametrize("P", [1, 16, 64])
+@pytest.mark.slow
 def test_packed_prefill_equals_each_sequence_alone(P):
     """Several prompts (some after a cached context: chunked prefill) in one flat row with padding
     tokens: each token equals the reference and attending its sequence alone; padding gives 0."""
@@ -186,6 +187,7 @@ def test_written_pool_decodes_like_reference(int8):
 
 
 @pytest.mark.parametrize("int8_kv", [False, True])
+@pytest.mark.slow
 def test_equals_the_models_dense_attention(int8_kv):
     """models/llama.py's Attention (dense cache [B, S, K, H]) on a random tiny config: a prefill of
     ragged prompts, packed, then one decode step, equal the same steps over a paged pool."""

@@ -53,6 +53,7 @@ def _max_diff(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+@pytest.mark.slow
 def test_packed_prefill_equals_each_prompt_alone(model, dense):
     engine = PagedEngine(model, page_size=16, max_num_seqs=8, max_num_batched_tokens=1024, max_seq_len=256)
     reqs = _requests(LENGTHS)
@@ -90,6 +91,7 @@ def test_chunked_prefill_equals_one_whole_prefill(model):
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.slow
 def test_paged_decode_equals_dense_and_full_forward(model, dense, page_size):
     reqs = _requests(LENGTHS)
     want = batching.run(dense, dense.params, reqs)
@@ -109,6 +111,7 @@ def test_paged_decode_equals_dense_and_full_forward(model, dense, page_size):
             assert g.token_ids == [int(t) for t in full[i, n - 1:n + 31].argmax(-1)]
 
 
+@pytest.mark.slow
 def test_running_sequences_decode_between_a_long_prompts_chunks(model):
     """While a 2,000-token prompt is prefilled in chunks of 512, the three sequences already running
     get a token after each chunk, their tokens equal running them alone, and the long prompt's equal
@@ -130,6 +133,7 @@ def test_running_sequences_decode_between_a_long_prompts_chunks(model):
     assert out[3].token_ids == want.token_ids
 
 
+@pytest.mark.slow
 def test_pages_follow_tokens_and_are_freed(model):
     engine = PagedEngine(model, page_size=16, num_pages=40, max_num_seqs=4, max_num_batched_tokens=64,
                          max_seq_len=256)
@@ -150,6 +154,7 @@ def test_pages_follow_tokens_and_are_freed(model):
     assert engine.pool_bytes() == 2 * CFG.n_layers * 40 * 16 * CFG.n_kv_heads * CFG.head_dim * 4
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_clear_error(model):
     with pytest.raises(ValueError, match="page size must be an integer >= 1"):
         PagedEngine(model, page_size=0, max_seq_len=64)
@@ -164,6 +169,7 @@ def test_bad_input_is_a_clear_error(model):
         scheduler.run(engine, engine.params, [batching.Request([CFG.vocab_size], SamplingParams())])
 
 
+@pytest.mark.slow
 def test_steady_state_never_recompiles(model):
     engine = PagedEngine(model, page_size=16, max_num_seqs=4, max_num_batched_tokens=128, max_seq_len=256)
     scheduler.run(engine, engine.params, _requests([10, 50, 30, 90], seed=5, max_new=6))  # warm-up

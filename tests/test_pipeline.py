@@ -94,6 +94,7 @@ def test_stage_sizes_split_like_vllm_and_bad_counts_are_rejected():
         Placement.make(DEEP, mesh_shape={"x": 8}, microbatches=4)
 
 
+@pytest.mark.slow
 def test_uneven_stages_equal_unsharded():
     """6 layers over 4 stages (2, 2, 1, 1; two padding slots), 8 layers over 3 (3, 3, 2): tokens and
     logits of one device, at batch 1 and 8."""
@@ -126,6 +127,7 @@ CASES = [  # mesh, layout, microbatches (None: as many as stages)
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("mesh_shape,layout,microbatches", CASES, ids=lambda c: str(c))
+@pytest.mark.slow
 def test_pipeline_equals_unsharded(model, reference, mesh_shape, layout, microbatches, batch):
     tokens, logits, engine = _run(model, mesh_shape, layout, batch, microbatches)
     assert engine.strategy.stages == mesh_shape["stage"]
@@ -136,6 +138,7 @@ def test_pipeline_equals_unsharded(model, reference, mesh_shape, layout, microba
 
 # ----- where layers and cache live, and what the stages exchange -----
 
+@pytest.mark.slow
 def test_each_device_holds_only_its_stages_layers_and_cache(model):
     mesh_shape = {"stage": 4, "x": 2}
     placement = Placement.make(DEEP, mesh_shape=mesh_shape, layout="1d_weight_stationary", batch_size=8)

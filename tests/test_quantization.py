@@ -74,6 +74,7 @@ def test_perplexity_equals_a_full_forward_without_cache(llm):
     assert got["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_sliding_window_scores_every_token_once(llm):
     ids = llm.tokenizer.encode(TEXT)[:300]
     out = perplexity_of_ids(llm, ids, window=96, stride=64)
@@ -101,6 +102,7 @@ def test_quantized_weights_and_bytes_on_one_device(llm, int8_model):
     assert abs(int8_bytes / (f32_bytes / 4) - 1) < 0.05, (int8_bytes, f32_bytes)
 
 
+@pytest.mark.slow
 def test_a_quantized_weight_is_one_typed_value_through_jit_and_the_blocks():
     """A QArray is one pytree (values, scale; `contract` static) that jit passes through whole, and the
     projection blocks take it in place of the float weight: the result is the float matmul within
@@ -158,6 +160,7 @@ def random_int8():
 @pytest.mark.parametrize("layout,kv", [("1d_weight_stationary", None),
                                        ("2d_weight_stationary", jnp.int8), ("weight_gathered_x", None),
                                        ("weight_gathered_xy", None), ("weight_gathered_xyz", jnp.int8)])
+@pytest.mark.slow
 def test_int8_layouts_give_unsharded_tokens(random_int8, layout, kv):
     """8 mixed-length prompts x 12 tokens at batch 8 (weight-gathered decode truly gathered) vs one device."""
     model, reference = random_int8
@@ -262,6 +265,7 @@ def test_cli_chat_with_int8_weights_answers_paris(capsys):
     assert "Paris" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_perplexity_json_equals_the_api(llm, tmp_path, capsys):
     file = tmp_path / "text.txt"
     file.write_text(TEXT[:5000], encoding="utf-8")

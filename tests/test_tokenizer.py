@@ -55,6 +55,7 @@ def ref():
 
 
 @pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.slow
 def test_ids_and_decode_match_hf(ours, ref, text):
     ids = ours.encode(text)
     assert ids == ref.encode(text, add_special_tokens=False)
