@@ -178,9 +178,9 @@ def cmd_generate(args) -> int:
         for prompt, c in zip(prompts, _run_requests(llm, requests)):
             print(json.dumps({"prompt": prompt, **completion_record(c)}), flush=True)
     elif len(prompts) == 1:  # streamed as generated
-        stream = _Stream(llm)
-        [c] = _run_requests(llm, requests, on_token=lambda key, ids: stream.update(ids))
-        stream.finish(c.text)
+        stream = _Stream(llm)  # finished when the request ends, so the text's last line precedes the summary
+        _run_requests(llm, requests, on_token=lambda key, ids: stream.update(ids),
+                      on_result=lambda key, c: stream.finish(c.text))
     else:  # each whole as it finishes, headed by its prompt
         def show(i, c):
             cut = "\n[cut by length]" if c.finish_reason == "length" else ""
@@ -242,8 +242,8 @@ def cmd_chat(args) -> int:
             print(json.dumps({"prompt": text, **completion_record(c)}), flush=True)
         else:
             stream = _Stream(llm)
-            [c] = _run_requests(llm, [request], on_token=lambda key, ids: stream.update(ids))
-            stream.finish(c.text)
+            [c] = _run_requests(llm, [request], on_token=lambda key, ids: stream.update(ids),
+                                on_result=lambda key, c: stream.finish(c.text))
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": c.text}]
     return 2 if failed else 0
 
