@@ -49,9 +49,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file, Hugging Face folder or shardlm checkpoint "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", help="float32 (f32) or bfloat16 (bf16) (default float32)")
-    p.add_argument("--batch-size", type=int, default=8, help="decode slots (default 8)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per slot, prompt plus generated "
-                   "(default 1024, or the model's context if shorter; at most the context)")
+    p.add_argument("--max-num-seqs", "--batch-size", dest="batch_size", type=int, default=None,
+                   help="sequences decoded together (default: from the KV pool's size, at most 256)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence, prompt plus generated "
+                   "(default: the model's context; 1024 with pipeline stages)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prompt tokens per prefill step, a multiple of 16 (default 512 on CPU, 2048 on GPU/TPU)")
+    p.add_argument("--page-size", type=int, default=None, help="tokens per KV page (default 16)")
+    p.add_argument("--kv-pages", type=int, default=None,
+                   help="KV pages in the pool (default: what --memory-fraction leaves beside the weights)")
+    p.add_argument("--memory-fraction", type=float, default=None,
+                   help="share of a device's memory for weights and KV pages (default 0.9 on GPU/TPU, 0.1 on CPU)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. x=2,y=2,z=2 (default: one device)")
     p.add_argument("--layout", default=None, help="layout for both phases (see `shardlm layouts`)")
     p.add_argument("--prefill-layout", default=None, help="layout for prefill only")
@@ -83,16 +91,22 @@ def _load_llm(args):
     from shardlm.sharding.pipeline import stages_in
 
     mesh_shape = parse_mesh(args.mesh) if args.mesh else None
-    _check_microbatches(args, stages_in(mesh_shape), args.batch_size, "--batch-size")
+    _check_microbatches(args, stages_in(mesh_shape), args.batch_size or 8, "--max-num-seqs")
     with tqdm(desc="loading weights", unit=" tensors", file=sys.stderr, leave=False,
               disable=True if _QUIET else None) as bar:
         llm = LLM.load(args.model, mesh_shape=mesh_shape, layout=args.layout, prefill_layout=args.prefill_layout,
                        decode_layout=args.decode_layout, attention=args.attention, dtype=args.dtype,
                        batch_size=args.batch_size, max_seq_len=args.max_seq_len, progress=bar.update,
-                       quantize=args.quantize, kv_cache=args.kv_cache, microbatches=args.microbatches)
+                       quantize=args.quantize, kv_cache=args.kv_cache, microbatches=args.microbatches,
+                       max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
+                       kv_pages=args.kv_pages, memory_fraction=args.memory_fraction)
     mesh = dict(llm.placement.mesh.shape)
     _status(f"mesh {','.join(f'{k}={v}' for k, v in mesh.items() if v > 1) or 'one device'}; "
             f"prefill layout {llm.layouts[0]}, decode layout {llm.layouts[1]}")
+    if llm.paged:
+        _status(llm.engine.plan.describe())
+    else:
+        _status(f"dense KV cache (pipeline stages): {llm.engine.batch_size} slots of {llm.engine.max_seq_len} tokens")
     return llm
 
 
@@ -603,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Library messages name Python parameters; on the command line the same values are flags.
 _FLAG_WORDS = re.compile(r"(?<![\w\"'-])(max_new_tokens|temperature|top_k|top_p|seed|max_seq_len|batch_size|"
-                         r"microbatches|max_tokens)(?![\w\"'])")
+                         r"microbatches|max_tokens|max_num_seqs|max_num_batched_tokens|kv_pages|memory_fraction)(?![\w\"'])")
 
 
 def _flag_words(e: Exception) -> str:

@@ -82,9 +82,15 @@ class PagedKVCache:
 
     @staticmethod
     def zero_pools(n_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype=jnp.float32):
-        """(k, v): per layer a zero pool [num_pages, P, K, H]."""
+        """(k, v): per layer a zero pool [num_pages, P, K, H] (int8: a QuantizedKV of int8 values
+        and float32 scales [num_pages, P, K, 1])."""
         shape = (num_pages, page_size, kv_heads, head_dim)
-        return [jnp.zeros(shape, dtype) for _ in range(n_layers)], [jnp.zeros(shape, dtype) for _ in range(n_layers)]
+
+        def empty():
+            if jnp.dtype(dtype) == jnp.int8:  # scale 1, as quantize_kv gives a row of zeros
+                return QuantizedKV(jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3] + (1,), jnp.float32))
+            return jnp.zeros(shape, dtype)
+        return [empty() for _ in range(n_layers)], [empty() for _ in range(n_layers)]
 
     def layer(self, i: int) -> PagedKV:
         return PagedKV(self.k[i], self.v[i], self.meta)

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 
 from shardlm.checkpoints import loader
 from shardlm.checkpoints.tokenizer import Tokenizer
-from shardlm.engine import batching
+from shardlm.engine import batching, scheduler
 from shardlm.engine.engine import Engine
+from shardlm.engine.paged_engine import PagedEngine
 from shardlm.engine.sampling import SamplingParams
 from shardlm.models import quant
 from shardlm.sharding.pipeline import check_not_quantized
@@ -29,11 +30,11 @@ def parse_dtype(name: str):
     return DTYPES[name]
 
 
-def check_max_seq_len(max_seq_len: int | None, config) -> int:
-    """The tokens a slot holds: None is 1024 or the model's context if shorter; more than the
-    context is an error, never silently less."""
+def check_max_seq_len(max_seq_len: int | None, config, default: int | None = None) -> int:
+    """The tokens a sequence may hold: None is `default` (the model's context if None or longer);
+    more than the context is an error, never silently less."""
     if max_seq_len is None:
-        return min(1024, config.max_seq_len)
+        return min(default or config.max_seq_len, config.max_seq_len)
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     if max_seq_len > config.max_seq_len:
@@ -68,6 +69,16 @@ def completion_record(c: Completion) -> dict:
 Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or chat messages [{"role", "content"}, ...]
 
 
+def _seqs(batch_size: int | None, max_num_seqs: int | None) -> int | None:
+    """max_num_seqs, also given by its older name batch_size."""
+    if batch_size is not None and max_num_seqs is not None and batch_size != max_num_seqs:
+        raise ValueError(f"batch_size ({batch_size}) and max_num_seqs ({max_num_seqs}) name the same thing; give one")
+    n = max_num_seqs if max_num_seqs is not None else batch_size
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"max_num_seqs must be an integer >= 1, got {n!r}")
+    return n
+
+
 class LLM:
     def __init__(self, loaded: loader.LoadedModel, engine: Engine):
         self.config = loaded.config
@@ -80,9 +91,11 @@ class LLM:
     @classmethod
     def load(cls, model: str | None = None, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
              prefill_layout: str | None = None, decode_layout: str | None = None, attention: str = "auto",
-             dtype: str = "float32", batch_size: int = 8, max_seq_len: int | None = None,
+             dtype: str = "float32", batch_size: int | None = None, max_seq_len: int | None = None,
              progress: Callable[[int], None] | None = None, microbatches: int | None = None,
-             quantize: str | None = None, kv_cache: str | None = None) -> "LLM":
+             quantize: str | None = None, kv_cache: str | None = None, max_num_seqs: int | None = None,
+             max_num_batched_tokens: int | None = None, page_size: int | None = None,
+             kv_pages: int | None = None, memory_fraction: float | None = None) -> "LLM":
         """Load a model onto a mesh: a GGUF file (None: the embedded SmolLM2-135M-Instruct), a Hugging
         Face folder (config.json, *.safetensors, tokenizer.json) or a shardlm checkpoint folder
         (`shardlm convert`), each array read straight into its shards.
@@ -92,12 +105,17 @@ class LLM:
         layout: one layout for both phases, or prefill_layout/decode_layout separately (see
         `shardlm layouts`); default replicated on one device, else 2d_weight_stationary.
         attention: "auto", "heads" or "batch" (batch-sharded KV cache for multiquery/GQA).
-        batch_size is the number of decode slots; max_seq_len the tokens (prompt plus generated)
-        each slot holds (default: 1024 or the model's context if shorter; more than the context is
-        an error).
+        The KV cache is a pool of pages (engine/paged_engine.py), sized from the device's memory:
+        max_seq_len is the tokens (prompt plus generated) a sequence may hold (default the model's
+        context; more is an error); max_num_seqs (or its older name batch_size) the sequences
+        decoded together, max_num_batched_tokens the prompt tokens a prefill step takes, page_size
+        the tokens a page holds, kv_pages the pool's pages, memory_fraction the share of a device's
+        memory the weights and pool may take. Each None is sized by paged_engine.plan_pool;
+        `llm.engine.plan.describe()` says what was chosen.
         microbatches: with a stage axis > 1 (pipeline stages; L layers over N stages, the first
         L mod N stages one layer more), the microbatches each step's tokens are split into
-        (default: the number of stages; see sharding.pipeline).
+        (default: the number of stages; see sharding.pipeline). Pipeline stages run on the dense
+        engine (engine/engine.py): batch_size slots (default 8) of max_seq_len (default 1024).
         quantize: None or "int8": int8 weights with per-output-channel scales, quantized while
         loading (projections, embedding and lm_head; see models/quant.py).
         kv_cache: None (the model's dtype) or "int8": int8 keys/values with per-token, per-head scales.
@@ -107,33 +125,54 @@ class LLM:
         check_not_quantized(mesh_shape, quantize or kv_cache)
         config = loader.read_config(model)
         check_max_seq_len(max_seq_len, config)  # before the (slow) load
+        pool = dict(max_num_seqs=_seqs(batch_size, max_num_seqs), max_num_batched_tokens=max_num_batched_tokens,
+                    page_size=page_size, kv_pages=kv_pages, memory_fraction=memory_fraction)
         placement = Placement.make(config, mesh_shape=mesh_shape, layout=layout,
                                    prefill_layout=prefill_layout, decode_layout=decode_layout, attention=attention,
-                                   batch_size=batch_size, microbatches=microbatches)
+                                   batch_size=pool["max_num_seqs"] or 8, microbatches=microbatches)
         loaded = loader.load(model, placement=placement, dtype=dtype, progress=progress, quantize=quantize)
-        return cls._build(loaded, placement, batch_size, max_seq_len, jnp.int8 if kv_cache else None)
+        return cls._build(loaded, placement, max_seq_len, jnp.int8 if kv_cache else None, pool)
 
     @classmethod
-    def _build(cls, loaded, placement: Placement, batch_size: int, max_seq_len: int | None, cache_dtype=None) -> "LLM":
-        max_seq_len = check_max_seq_len(max_seq_len, loaded.config)
-        engine = Engine(loaded.model, batch_size=batch_size, max_seq_len=max_seq_len,
-                        placement=placement, cache_dtype=cache_dtype)
+    def _build(cls, loaded, placement: Placement, max_seq_len: int | None, cache_dtype=None,
+               pool: dict | None = None) -> "LLM":
+        pool = pool or {}
+        if placement.strategy.stacked:  # pipeline stages: the dense engine, slots of max_seq_len each
+            if any(pool.get(k) is not None for k in ("max_num_batched_tokens", "page_size", "kv_pages", "memory_fraction")):
+                raise ValueError("page and token-budget settings are for the paged KV cache, which pipeline stages "
+                                 "do not use; give --max-num-seqs and --max-seq-len only")
+            engine = Engine(loaded.model, batch_size=pool.get("max_num_seqs") or 8,
+                            max_seq_len=check_max_seq_len(max_seq_len, loaded.config, 1024), placement=placement,
+                            cache_dtype=cache_dtype)
+        else:
+            engine = PagedEngine(loaded.model, placement=placement, max_seq_len=check_max_seq_len(max_seq_len, loaded.config),
+                                 cache_dtype=cache_dtype, page_size=pool.get("page_size"), num_pages=pool.get("kv_pages"),
+                                 max_num_seqs=pool.get("max_num_seqs"),
+                                 max_num_batched_tokens=pool.get("max_num_batched_tokens"),
+                                 memory_fraction=pool.get("memory_fraction"))
         # The engine holds the parameters (stacked under a pipeline): drop the loader's module.
         return cls(dataclasses.replace(loaded, model=None), engine)
+
+    @property
+    def paged(self) -> bool:
+        return isinstance(self.engine, PagedEngine)
 
     def relayout(self, *, mesh_shape: dict[str, int] | None = None, layout: str | None = None,
                  prefill_layout: str | None = None, decode_layout: str | None = None, attention: str = "auto",
                  batch_size: int | None = None, max_seq_len: int | None = None,
                  microbatches: int | None = None) -> "LLM":
-        """The same weights on another mesh or layout, moved device to device (no reload)."""
+        """The same weights on another mesh or layout, moved device to device (no reload); the same
+        sequence count and context unless given, the pool sized again for the new devices."""
         batch_size = batch_size or self.engine.batch_size
         placement = Placement.make(self.config, mesh_shape=mesh_shape, layout=layout, prefill_layout=prefill_layout,
                                    decode_layout=decode_layout, attention=attention, batch_size=batch_size,
                                    microbatches=microbatches)
         loaded = loader.LoadedModel(config=self.config, model=self.engine.model(), tokenizer=self.tokenizer,
                                     source=self.source)
-        return self._build(loaded, placement, batch_size, max_seq_len or self.engine.max_seq_len,
-                           self.engine.cache_dtype)
+        pool = {"max_num_seqs": batch_size}
+        if self.paged:
+            pool.update(page_size=self.engine.page_size, max_num_batched_tokens=self.engine.max_num_batched_tokens)
+        return self._build(loaded, placement, max_seq_len or self.engine.max_seq_len, self.engine.cache_dtype, pool)
 
     @property
     def layouts(self) -> tuple[str, str]:
@@ -180,21 +219,39 @@ class LLM:
     def request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, chat: bool = False,
                 key=None) -> batching.Request:
         """One request: the prompt encoded and checked once (see `encode`), with its sampling."""
-        return batching.Request(self.encode(prompt, chat), sampling or SamplingParams(), self.stop_token_ids, key=key)
+        sampling = sampling or SamplingParams()
+        ids = self.encode(prompt, chat)
+        if self.paged:
+            self.engine.check_request(ids, sampling.max_new_tokens)
+        return batching.Request(ids, sampling, self.stop_token_ids, key=key)
 
     def run(self, requests: Sequence[batching.Request], *, on_result: Callable[[object, Completion], None] | None = None,
             on_step: Callable[[int], None] | None = None,
             on_token: Callable[[object, list[int]], None] | None = None) -> list[Completion]:
         """Complete requests (from `request`) through continuous batching; Completions in request
-        order. `on_result(key, completion)` sees each as it finishes, `on_step(n)` each decode step,
-        `on_token(key, token_ids)` a request's generated ids so far after each token (streaming)."""
+        order. `on_result(key, completion)` sees each as it finishes, `on_step(n)` each step that
+        makes tokens (n of them), `on_token(key, token_ids)` a request's generated ids so far after
+        each token (streaming)."""
         def finished(result: batching.Result) -> None:
             if on_result is not None:
                 on_result(result.key, self._completion(result))
 
         streamed = None if on_token is None else (lambda result: on_token(result.key, result.token_ids))
-        results = batching.run(self.engine, self.params, requests, on_result=finished, on_step=on_step,
-                               on_token=streamed)
+        if not self.paged:
+            results = batching.run(self.engine, self.params, requests, on_result=finished, on_step=on_step,
+                                   on_token=streamed)
+            return [self._completion(r) for r in results]
+
+        def stepped(batch, _sched) -> None:
+            n = (len(batch.seq_ids) if isinstance(batch, scheduler.DecodeBatch)
+                 else sum(c.last for c in batch.chunks))
+            if on_step is not None and n:
+                on_step(n)
+
+        for r in requests:  # request() checked these already; a hand-made Request is checked here, before any work
+            self.engine.check_request(r.prompt_ids, r.sampling.max_new_tokens)
+        results = scheduler.run(self.engine, self.params, requests, on_result=finished, on_step=stepped,
+                                on_token=streamed)
         return [self._completion(r) for r in results]
 
     def _completion(self, r: batching.Result) -> Completion:

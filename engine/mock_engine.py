@@ -75,6 +75,7 @@ class MockPagedEngine:
                  max_num_batched_tokens: int = 16, max_seq_len: int = 64, vocab_size: int = 97):
         self.page_size, self.num_pages, self.max_num_seqs = page_size, num_pages, max_num_seqs
         self.max_num_batched_tokens, self.max_seq_len, self.vocab_size = max_num_batched_tokens, max_seq_len, vocab_size
+        self.query_block = 1  # chunks take exactly their own tokens of the budget
         self.steps: list = []
         self._sums: dict = {}  # seq_id -> (sum of prompt tokens seen, count)
 

@@ -8,8 +8,9 @@ it runs unchanged; attention reads only the pages each sequence uses (models/pag
 so a step's cost follows the live lengths, not max_seq_len.
 
 Two steps, module-level jitted functions with a static engine.Step as in engine/engine.py:
-- `prefill`: the scheduler's chunks concatenated into one row [1, T] of a token bucket (powers of
-  two from 32 up to max_num_batched_tokens, and the budget itself), positions restarting per
+- `prefill`: the scheduler's chunks laid into one row [1, T] of a token bucket (powers of two from
+  32 up to max_num_batched_tokens, and the budget itself), each chunk from a multiple of
+  QUERY_BLOCK tokens (attention reads a block's pages once for its 16 tokens), positions restarting per
   prompt (a later chunk continues at its start), each token attending only its own sequence
   (seq_ids) including the pages earlier chunks wrote. Each chunk that completes its prompt samples
   the prompt's first token at its own last position with its own SamplingParams, keyed by
@@ -19,17 +20,22 @@ Two steps, module-level jitted functions with a static engine.Step as in engine/
   max_num_seqs (padding rows hold no pages and write nothing); keys (seed, position + 1) as
   Engine.generate's.
 The scheduler alternates the two (see engine/scheduler.py for why). `scheduler.run(engine, params,
-requests)` is the generation loop.
+requests)` is the generation loop. `plan_pool` sizes the pool and the scheduler's limits from the
+device's memory, so the defaults are the fast path; `PoolPlan.describe` says what was chosen.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
-from shardlm.engine.engine import TRACES, Step, check_prompt
+from shardlm.engine.engine import TRACES, Step, check_prompt, forward_step
 from shardlm.engine.kv_cache import PagedKVCache
 from shardlm.engine.kv_pages import PagePool
 from shardlm.engine.sampling import row_keys, sample
@@ -39,6 +45,10 @@ from shardlm.models.kv_views import PageMeta
 from shardlm.models.paged_attention import KV_PAGES_AXES
 from shardlm.sharding.placement import Placement
 from shardlm.sharding.rules import shard, use_rules
+
+# Prompts start at multiples of this many tokens in a packed prefill row, so attention reads each
+# run of QUERY_BLOCK tokens' pages once (models/paged_attention.py); token budgets are multiples.
+QUERY_BLOCK = 16
 
 
 def token_buckets(budget: int, smallest: int = 32) -> tuple[int, ...]:
@@ -76,6 +86,121 @@ def _shard_pools(k, v):
     return jax.tree.map(constrain, k), jax.tree.map(constrain, v)
 
 
+# ----- sizing the pool from the device's memory -----
+
+def mesh_memory(mesh) -> int:
+    """Bytes this process's devices of `mesh` can hold: their allocators' limits on GPU/TPU; on CPU
+    the host's available memory (its CPU devices share it)."""
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    limits = [(d.memory_stats() or {}).get("bytes_limit") if hasattr(d, "memory_stats") else None for d in devices]
+    if all(limits):
+        return int(sum(limits))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _per_device_bytes(shape, dtype, mesh, rules) -> int:
+    """Bytes of one device's shard of a pool array [num_pages, P, K, H] under `rules`."""
+    sharding = NamedSharding(mesh, rules.spec(KV_PAGES_AXES, shape, mesh))
+    return int(np.prod(sharding.shard_shape(shape))) * jnp.dtype(dtype).itemsize
+
+
+def page_bytes(cfg, page_size: int, cache_dtype, mesh, rules) -> int:
+    """Bytes one page takes on this process's devices of the mesh (shards and replicas), every
+    layer's k and v (an int8 page: values and scales)."""
+    shape = (1, page_size, cfg.n_kv_heads, cfg.head_dim)
+    one = (_per_device_bytes(shape, jnp.int8, mesh, rules) + _per_device_bytes(shape[:3] + (1,), jnp.float32, mesh, rules)
+           if jnp.dtype(cache_dtype) == jnp.int8 else _per_device_bytes(shape, cache_dtype, mesh, rules))
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return 2 * cfg.n_layers * one * local
+
+
+def _agree(n: int) -> int:
+    """The smallest n over the processes of a multi-host job, so every process sizes its pool alike."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.int64(n))))
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """What a paged engine holds: its pool and the scheduler's limits (`describe` says it in words)."""
+
+    page_size: int
+    num_pages: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_seq_len: int
+    page_bytes: int  # one page, all layers' k and v, on this process's devices
+    memory: int  # what this process's devices hold (on CPU the host's available memory)
+    weight_bytes: int  # the parameters on this process's devices
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (f"KV pool {self.num_pages} pages of {self.page_size} tokens ({self.num_pages * self.page_size} tokens, "
+                f"{self.num_pages * self.page_bytes / gib:.2f} GiB beside {self.weight_bytes / gib:.2f} GiB "
+                f"of weights, of {self.memory / gib:.1f} GiB); up to {self.max_num_seqs} sequences of "
+                f"{self.max_seq_len} tokens, {self.max_num_batched_tokens} prompt tokens a step")
+
+
+def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_size: int | None = None,
+              num_pages: int | None = None, max_num_seqs: int | None = None,
+              max_num_batched_tokens: int | None = None, memory_fraction: float | None = None) -> PoolPlan:
+    """The pool and limits a paged engine gets; each None is a default:
+    - page_size 16 tokens;
+    - num_pages: what fits in memory_fraction of the devices' memory beside the weights (default
+      0.9 on GPU/TPU, whose memory the engine owns; 0.1 on CPU, whose memory the host shares),
+      capped at what max_num_seqs full sequences need when max_num_seqs is given; the same in
+      every process of a multi-host job (the smallest);
+    - max_num_seqs: the pool's tokens over 2,048 (between 1 and 256), at most num_pages;
+    - max_num_batched_tokens: 2,048 on GPU/TPU, 512 on CPU (a prefill step stalls decoding for its
+      length, and a CPU step is slow), at least one page.
+    A pool that does not fit the devices is refused with the bytes it needs and they have."""
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    page_size = 16 if page_size is None else page_size
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page size must be an integer >= 1 token, got {page_size!r}")
+    for name, value in (("kv_pages", num_pages), ("max_num_seqs", max_num_seqs),
+                        ("max_num_batched_tokens", max_num_batched_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if memory_fraction is not None and not 0 < memory_fraction <= 1:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
+    budget_tokens = max_num_batched_tokens or (512 if cpu else 2048)
+    if budget_tokens < page_size:
+        raise ValueError(f"max_num_batched_tokens ({budget_tokens}) is smaller than the page size ({page_size}); "
+                         f"give a budget of at least one page")
+    memory = mesh_memory(mesh)
+    weights = sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards)
+    one_page = page_bytes(cfg, page_size, cache_dtype, mesh, rules)
+    pages_per_seq = -(-max_seq_len // page_size)
+    if num_pages is None:
+        fraction = memory_fraction or (0.1 if cpu else 0.9)
+        free = int(fraction * memory) - weights
+        num_pages = _agree(free // one_page)
+        if num_pages < 1:
+            raise ValueError(f"no room for KV pages: the weights take {weights / 2**30:.2f} GiB, {fraction:g} of "
+                             f"the devices' {memory / 2**30:.2f} GiB is {fraction * memory / 2**30:.2f} GiB; "
+                             f"give a larger memory_fraction or kv_pages")
+        if max_num_seqs is not None:
+            num_pages = min(num_pages, max_num_seqs * pages_per_seq)
+    elif weights + num_pages * one_page > memory:
+        raise ValueError(f"{num_pages} KV pages of {page_size} tokens need {num_pages * one_page} bytes beside "
+                         f"{weights} of weights; the devices have {memory} bytes: give at most "
+                         f"{max(0, (memory - weights) // one_page)} pages")
+    if max_num_seqs is None:
+        max_num_seqs = max(1, min(256, num_pages * page_size // 2048, num_pages))
+    return PoolPlan(page_size, num_pages, max_num_seqs, budget_tokens, max_seq_len, one_page, memory, weights)
+
+
 # ----- the steps (traced; each enters its own rules) -----
 
 def _init_pools(step: Step, num_pages: int, page_size: int):
@@ -111,45 +236,47 @@ paged_decode_step = jax.jit(_decode, static_argnums=0, donate_argnames=("k", "v"
 
 
 class PagedEngine:
-    """A model on a placement with a paged KV pool. `PagedEngine(model, page_size=P, num_pages=...,
-    max_num_seqs=..., max_num_batched_tokens=...)`; `scheduler.run(engine, engine.params,
-    requests)` generates. num_pages defaults to max_num_seqs sequences of max_seq_len tokens."""
+    """A model on a placement with a paged KV pool. `PagedEngine(model, placement=...)` sizes the
+    pool and the scheduler's limits from the device's memory (see `plan_pool`; any of page_size,
+    num_pages, max_num_seqs, max_num_batched_tokens, memory_fraction given is kept, and
+    max_seq_len defaults to the model's context); `scheduler.run(engine, engine.params, requests)`
+    generates. cache_dtype jnp.int8: int8 pages with per-token, per-head scales."""
 
-    def __init__(self, model: nnx.Module, *, placement: Placement | None = None, page_size: int = 16,
-                 num_pages: int | None = None, max_num_seqs: int = 8, max_num_batched_tokens: int = 512,
-                 max_seq_len: int | None = None, cache_dtype=None):
+    def __init__(self, model: nnx.Module, *, placement: Placement | None = None, page_size: int | None = None,
+                 num_pages: int | None = None, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None, max_seq_len: int | None = None,
+                 memory_fraction: float | None = None, cache_dtype=None):
         cfg = model.cfg
         max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
-        if not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page size must be an integer >= 1 token, got {page_size!r}")
-        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
-        if max_num_batched_tokens < page_size:
-            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) is smaller than the page size "
-                             f"({page_size}); give a budget of at least one page")
-        if not 1 < max_seq_len <= cfg.max_seq_len:
-            raise ValueError(f"max_seq_len must be in [2, {cfg.max_seq_len}] for {cfg.name}, got {max_seq_len}")
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 1 < max_seq_len <= cfg.max_seq_len:
+            raise ValueError(f"max_seq_len must be an integer in [2, {cfg.max_seq_len}] for {cfg.name}, "
+                             f"got {max_seq_len!r}")
+        if max_num_batched_tokens is not None and not isinstance(max_num_batched_tokens, bool) and \
+                isinstance(max_num_batched_tokens, int) and max_num_batched_tokens % QUERY_BLOCK:
+            raise ValueError(f"max_num_batched_tokens must be a multiple of {QUERY_BLOCK} (prompts are laid out "
+                             f"in blocks of {QUERY_BLOCK} tokens), got {max_num_batched_tokens}")
         self.cfg = cfg
-        self.page_size, self.max_seq_len = page_size, max_seq_len
-        self.max_pages = -(-max_seq_len // page_size)  # page-table width: one sequence of max_seq_len
-        self.num_pages = max_num_seqs * self.max_pages if num_pages is None else num_pages
-        if self.num_pages < 1:
-            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
-        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        self.token_buckets, self.batch_buckets = token_buckets(max_num_batched_tokens), batch_buckets(max_num_seqs)
-        self.placement = placement or Placement.make(cfg, batch_size=max_num_seqs)
+        self.placement = placement or Placement.make(cfg, batch_size=max_num_seqs or 8)
         self.strategy, self.mesh = self.placement.strategy, self.placement.mesh
         if self.strategy.stacked:
-            raise ValueError("the paged engine does not run pipeline stages yet; use Engine")
+            raise ValueError("the paged engine does not run pipeline stages; use Engine")
         self.cache_dtype = cache_dtype or quant.compute_dtype(model)
-        if jnp.dtype(self.cache_dtype) == jnp.int8:
-            raise ValueError("the paged engine has no int8 KV pages yet; use Engine for --kv-cache int8")
         self.graphdef, self.params = self.strategy.split(self.placement.place(model), self.mesh,
                                                          self.placement.decode_rules)
+        self.plan = plan_pool(cfg, params=self.params, mesh=self.mesh, rules=self.placement.decode_rules,
+                              cache_dtype=self.cache_dtype, max_seq_len=max_seq_len, page_size=page_size,
+                              num_pages=num_pages, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction)
+        self.page_size, self.num_pages, self.max_seq_len = self.plan.page_size, self.plan.num_pages, max_seq_len
+        self.max_num_seqs, self.max_num_batched_tokens = self.plan.max_num_seqs, self.plan.max_num_batched_tokens
+        self.batch_size = self.max_num_seqs
+        self.query_block = QUERY_BLOCK
+        self.max_pages = -(-max_seq_len // self.page_size)  # page-table width: one sequence of max_seq_len
+        self.token_buckets, self.batch_buckets = token_buckets(self.max_num_batched_tokens), batch_buckets(self.max_num_seqs)
         step = lambda rules: Step(cfg, self.graphdef, self.strategy, self.mesh, rules, self.cache_dtype,  # noqa: E731
-                                  max_num_seqs, max_seq_len)
+                                  self.max_num_seqs, max_seq_len)
         self.prefill_spec, self.decode_spec = step(self.placement.prefill_rules), step(self.placement.decode_rules)
-        self.k, self.v = init_pools_step(self.decode_spec, self.num_pages, page_size)
+        self.k, self.v = init_pools_step(self.decode_spec, self.num_pages, self.page_size)
 
     def model(self) -> nnx.Module:
         return self.strategy.merge(self.graphdef, self.params)
@@ -157,34 +284,44 @@ class PagedEngine:
     def check_prompt(self, tokens) -> None:
         check_prompt(tokens, self.max_seq_len, self.cfg.vocab_size)
 
+    def check_request(self, tokens, max_new_tokens: int) -> None:
+        """A prompt that fits the context and, with its max_new_tokens, the page pool."""
+        self.check_prompt(tokens)
+        need = -(-min(len(tokens) + max_new_tokens, self.max_seq_len) // self.page_size)
+        if need > self.num_pages:
+            raise ValueError(f"a prompt of {len(tokens)} tokens with max_new_tokens {max_new_tokens} needs {need} "
+                             f"KV pages of {self.page_size} tokens; the pool has {self.num_pages} "
+                             f"(give more kv_pages or a larger memory fraction)")
+
     def new_pool(self) -> PagePool:
         """A host PagePool for this engine's pools (scheduler.run makes its own)."""
         return PagePool(self.num_pages, self.page_size)
 
     def prefill(self, params, batch: PrefillBatch, pool: PagePool):
-        """Run the batch's chunks (their pages allocated in `pool`) in one packed row. Returns
-        (tokens [Bp], logits [Bp, V]) on device: row i is chunk i's first token (meaningful where
-        chunk.last) and the logits at its last position."""
-        chunks, Bp = batch.chunks, self.max_num_seqs
-        n_tokens = sum(len(c.token_ids) for c in chunks)
+        """Run the batch's chunks (their pages allocated in `pool`) in one packed row, each chunk from
+        a multiple of QUERY_BLOCK. Returns (tokens [Bp], logits [Bp, V]) on device: row i is chunk
+        i's first token (meaningful where chunk.last) and the logits at its last position."""
+        chunks, Bp, Q = batch.chunks, self.max_num_seqs, self.query_block
+        n_tokens = sum(-(-len(c.token_ids) // Q) * Q for c in chunks)
         if not 0 < len(chunks) <= Bp or n_tokens > self.max_num_batched_tokens:
-            raise ValueError(f"a prefill step takes 1..{Bp} chunks of {self.max_num_batched_tokens} tokens in all, "
-                             f"got {len(chunks)} of {n_tokens}")
+            raise ValueError(f"a prefill step takes 1..{Bp} chunks of {self.max_num_batched_tokens} tokens in all "
+                             f"(each rounded up to {Q}), got {len(chunks)} of {n_tokens}")
         T = _pick(self.token_buckets, n_tokens)
         tokens, positions = np.zeros((1, T), np.int32), np.zeros((1, T), np.int32)
-        seq_ids, q_pos, slots = (np.full(T, -1, np.int32) for _ in range(3))
+        q_pos, slots = np.full(T, -1, np.int32), np.full(T, -1, np.int32)
+        block_seq = np.full(T // Q, -1, np.int32)
         last = np.zeros(Bp, np.int32)
         at = 0
         for r, c in enumerate(chunks):
             n = len(c.token_ids)
             tokens[0, at:at + n] = c.token_ids
             positions[0, at:at + n] = q_pos[at:at + n] = np.arange(c.start, c.start + n)
-            seq_ids[at:at + n] = r
             slots[at:at + n] = pool.slot_mapping(c.seq_id, c.start, n)
+            block_seq[at // Q:-(-(at + n) // Q)] = r
             last[r] = at + n - 1
-            at += n
+            at += -(-n // Q) * Q
         rows = [c.seq_id for c in chunks] + [None] * (Bp - len(chunks))
-        meta = PageMeta(slots, pool.page_table_array(rows, self.max_pages), pool.lengths_array(rows), seq_ids, q_pos)
+        meta = PageMeta(slots, pool.page_table_array(rows, self.max_pages), pool.lengths_array(rows), block_seq, q_pos)
         self.k, self.v, out, logits = paged_prefill_step(self.prefill_spec, params, self.k, self.v, tokens, positions,
                                                          meta, last, *_sampling([c.sampling for c in chunks], Bp))
         return out, logits
@@ -206,9 +343,38 @@ class PagedEngine:
                                                         meta, *_sampling(batch.samplings, B))
         return out, logits
 
+    def forward(self, params, tokens) -> jax.Array:
+        """Logits [B, T, V] (float32) of whole sequences tokens [B, T] from position 0, through a
+        fresh dense cache of T slots (in the pool's dtype), under the prefill rules."""
+        return forward_step(self.prefill_spec, params, np.asarray(tokens, np.int32))
+
+    def compiled_text(self, phase: str = "decode", bucket: int | None = None) -> str:
+        """The optimized HLO of one step: "decode" (at batch bucket `bucket`, default max_num_seqs)
+        or "prefill" (at token bucket `bucket`, default the smallest)."""
+        Bp = self.max_num_seqs
+        if phase == "decode":
+            B = bucket or Bp
+            meta = PageMeta(np.full(B, -1, np.int32), np.zeros((B, self.max_pages), np.int32), np.zeros(B, np.int32))
+            lowered = paged_decode_step.lower(self.decode_spec, self.params, self.k, self.v, np.zeros(B, np.int32),
+                                              np.zeros(B, np.int32), meta, *_sampling([], B))
+        elif phase == "prefill":
+            T = bucket or self.token_buckets[0]
+            meta = PageMeta(np.full(T, -1, np.int32), np.zeros((Bp, self.max_pages), np.int32), np.zeros(Bp, np.int32),
+                            np.full(T // self.query_block, -1, np.int32), np.full(T, -1, np.int32))
+            lowered = paged_prefill_step.lower(self.prefill_spec, self.params, self.k, self.v, np.zeros((1, T), np.int32),
+                                               np.zeros((1, T), np.int32), meta, np.zeros(Bp, np.int32),
+                                               *_sampling([], Bp))
+        else:
+            raise ValueError(f"phase must be decode or prefill, got {phase!r}")
+        return lowered.compile().as_text()
+
     def pool_bytes(self) -> int:
-        """Bytes of every layer's k and v pools."""
+        """Bytes of every layer's k and v pools (all devices)."""
         return sum(a.nbytes for a in jax.tree.leaves((self.k, self.v)))
+
+    def bytes_held(self, pool: PagePool) -> int:
+        """Bytes of the pages `pool` has handed out (all layers' k and v, all devices)."""
+        return pool.pages_in_use * self.pool_bytes() // self.num_pages
 
     def compiled_count(self) -> dict[str, int]:
         """Programs traced for this engine's steps (one per token bucket, one per batch bucket)."""

@@ -11,7 +11,8 @@ whose reservation exceeds the whole pool can never run: it is that request's err
 
 Then it picks one kind of step, alternating when both have work:
 - prefill: chunks of the admitted prompts not yet prefilled, oldest first, packed into one row up
-  to `max_num_batched_tokens`; a prompt longer than the budget goes over several steps;
+  to `max_num_batched_tokens` (each chunk taking whole blocks of `query_block` tokens of it); a
+  prompt longer than the budget goes over several steps;
 - decode: one token for every sequence whose prompt is done.
 Alternating (rather than mixing decode tokens into the prefill row) keeps each step's attention
 specialised (a decode row reads one page per step per sequence; a packed row gathers per token),
@@ -69,7 +70,7 @@ class _Seq:
 
 class Scheduler:
     def __init__(self, *, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_seq_len: int):
+                 max_seq_len: int, query_block: int = 1):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < page_size:
@@ -77,6 +78,7 @@ class Scheduler:
                              f"({page_size}); give a budget of at least one page")
         self.pool = PagePool(num_pages, page_size)
         self.max_num_seqs, self.max_num_batched_tokens, self.max_seq_len = max_num_seqs, max_num_batched_tokens, max_seq_len
+        self.query_block = query_block  # each chunk takes whole blocks of this many tokens of the budget
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.running: list[_Seq] = []  # admitted, in admission order
         self.results: list[Result] = []
@@ -116,16 +118,16 @@ class Scheduler:
         decoding = [s for s in self.running if s.token is not None]
         if prefilling and (not decoding or self._last != "prefill"):
             self._last = "prefill"
-            budget, chunks = self.max_num_batched_tokens, []
+            budget, chunks, Q = self.max_num_batched_tokens, [], self.query_block
             for s in prefilling:
-                if budget == 0:
-                    break
                 prompt = s.req.prompt_ids
-                n = min(len(prompt) - s.done, budget)
+                n = min(len(prompt) - s.done, budget // Q * Q)
+                if n == 0:
+                    break
                 self.pool.allocate(s.seq_id, n)
                 chunks.append(Chunk(s.seq_id, tuple(prompt[s.done:s.done + n]), s.done, s.done + n == len(prompt),
                                     s.req.sampling))
-                budget -= n
+                budget -= -(-n // Q) * Q
             return PrefillBatch(tuple(chunks))
         if decoding:
             self._last = "decode"
@@ -161,13 +163,16 @@ class Scheduler:
 
 
 def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result], None] | None = None,
-        on_step: Callable[[PrefillBatch | DecodeBatch, Scheduler], None] | None = None) -> list[Result]:
+        on_step: Callable[[PrefillBatch | DecodeBatch, Scheduler], None] | None = None,
+        on_token: Callable[[Result], None] | None = None) -> list[Result]:
     """Generate for every request; results in request order (a request that can never fit the pool
     has finish_reason "error" and its message in `error`). `on_result` sees each as it finishes,
-    `on_step(batch, scheduler)` each step after its tokens are taken."""
+    `on_step(batch, scheduler)` each step after its tokens are taken, `on_token(result)` each
+    request after each token it takes (streaming; a stop token is not added)."""
     requests = list(requests)
     sched = Scheduler(num_pages=engine.num_pages, page_size=engine.page_size, max_num_seqs=engine.max_num_seqs,
-                      max_num_batched_tokens=engine.max_num_batched_tokens, max_seq_len=engine.max_seq_len)
+                      max_num_batched_tokens=engine.max_num_batched_tokens, max_seq_len=engine.max_seq_len,
+                      query_block=engine.query_block)
     for req in requests:
         engine.check_prompt(req.prompt_ids)
     for req in requests:
@@ -178,6 +183,10 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
         step = engine.prefill if isinstance(batch, PrefillBatch) else engine.decode
         tokens = to_host(step(params, batch, sched.pool)[0])
         finished = sched.update(batch, tokens)
+        if on_token is not None:
+            sampled = batch.seq_ids if isinstance(batch, DecodeBatch) else [c.seq_id for c in batch.chunks if c.last]
+            for seq_id in sampled:
+                on_token(sched.results[seq_id])
         if on_step is not None:
             on_step(batch, sched)
         for result in finished:

@@ -12,9 +12,10 @@ know how the cache is laid out. Two views, both pytrees (they go into and out of
   - decode: q [B, 1, N, H], row b is sequence b; `page_tables` [B, max_pages] and `kv_lens` [B]
     (tokens held, the new one included); rows past the live ones have kv_lens 0 (output zeros).
   - packed prefill: q [1, T, N, H], one row of several prompts' tokens (or chunks of them after
-    their cached context); `seq_ids` [T] names each token's row of `page_tables` [Bp, max_pages]
-    (-1 for padding), `q_positions` [T] its position in its sequence (-1 for padding), and kv_lens
-    [Bp] counts each sequence's tokens once this step's are written. A token sees only its own
+    their cached context), each starting at a multiple of the query block Q = T / len(seq_ids);
+    `seq_ids` [T / Q] names each block's row of `page_tables` [Bp, max_pages] (-1 for padding),
+    `q_positions` [T] each token's position in its sequence (-1 for padding), and kv_lens [Bp]
+    counts each sequence's tokens once this step's are written. A token sees only its own
     sequence's positions 0..its own.
   In both, `slot_mapping` [B * T] is the flat pool slot (page * P + offset) of each new token in
   row-major order, -1 for padding (written nowhere).
@@ -80,7 +81,7 @@ class PageMeta:
     slot_mapping: jax.Array  # [B * T] int32 flat slot of each new token, -1: padding
     page_tables: jax.Array  # [B or Bp, max_pages] int32
     kv_lens: jax.Array  # [B or Bp] int32 tokens held after this step's are written
-    seq_ids: jax.Array | None = None  # packed prefill: [T] int32 page-table row per token, -1: padding
+    seq_ids: jax.Array | None = None  # packed prefill: [T / Q] int32 page-table row per query block, -1: padding
     q_positions: jax.Array | None = None  # packed prefill: [T] int32 position in its sequence, -1: padding
 
     @property
@@ -106,7 +107,8 @@ class PagedKV:
         k_pages, v_pages = jax.tree.map(constrain, k_pages), jax.tree.map(constrain, v_pages)
         if m.packed:
             out = paged_attention(q.reshape(B * T, N, H), k_pages, v_pages, m.page_tables, m.kv_lens,
-                                  m.q_positions, m.seq_ids).reshape(B, T, N, H)
+                                  m.q_positions, m.seq_ids, query_block=B * T // m.seq_ids.shape[0]
+                                  ).reshape(B, T, N, H)
         else:
             out = paged_attention(q, k_pages, v_pages, m.page_tables, m.kv_lens)
         return out, dataclasses.replace(self, k=k_pages, v=v_pages)

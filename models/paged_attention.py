@@ -14,15 +14,16 @@ reads them back with kv_lens counting the new tokens too:
 - decode: q [B, 1, N, H], row b is sequence b; optionally q [B, T, N, H] with q_positions [B, T]
   (causal over positions).
 - packed prefill (and prefill chunks after a cached context): q [T_total, N, H] flat, with
-  seq_ids [T_total] (the page-table row of each token, -1 for padding) and q_positions
-  [T_total]; a token at position p of sequence s sees that sequence's positions 0..p only.
+  q_positions [T_total] and seq_ids naming each token's page-table row (-1 for padding); a token
+  at position p of sequence s sees that sequence's positions 0..p only. With `query_block` Q > 1,
+  seq_ids [T_total / Q] names the row of each run of Q consecutive tokens (the caller lays each
+  prompt out from a multiple of Q), and each run reads its sequence's pages once for all Q.
 
 The kernel walks the pages in blocks of `pages_per_block` pages with an online (running max and
 sum) softmax in float32, for as many blocks as the longest live sequence of the step needs; so a
 step's cost grows with the live lengths, never with max_pages * P, and no [B, S] score matrix over
 a dense cache is formed. Grouped-query attention: query head n reads kv head n // G, G = N / K.
-Packed queries gather their sequence's page per token; decode and [B, T] rows gather one page
-per row.
+Decode and [B, T] rows gather their pages once per row, packed queries once per query block.
 """
 
 from __future__ import annotations
@@ -61,21 +62,26 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
 
 
 def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None, seq_ids=None, *,
-                    scale: float | None = None, pages_per_block: int | None = None):
+                    scale: float | None = None, pages_per_block: int | None = None, query_block: int = 1):
     """Attention of q over the pool; returns q's shape and dtype.
 
     q [B, T, N, H] (row b reads page_tables[b]) with q_positions [B, T], which may be omitted for
-    decode (T = 1: each row sees all kv_lens[b] tokens); or q [T_total, N, H] with seq_ids and
-    q_positions [T_total] (packed). page_tables [B, max_pages] int32, kv_lens [B] int32. A query
-    with seq_id < 0 or position < 0 sees nothing and returns zeros. `scale` defaults to H**-0.5;
-    `pages_per_block` (static) is the number of pages read per loop step, default 64 tokens' worth.
+    decode (T = 1: each row sees all kv_lens[b] tokens); or q [T_total, N, H] with q_positions
+    [T_total] and seq_ids [T_total / query_block] (packed). page_tables [B, max_pages] int32,
+    kv_lens [B] int32. A query with seq_id < 0 or position < 0 sees nothing and returns zeros.
+    `scale` defaults to H**-0.5; `pages_per_block` (static) is the number of pages read per loop
+    step, default 256 tokens' worth.
     """
     packed = q.ndim == 3
     if packed:
+        T_total, N, H = q.shape
         if seq_ids is None or q_positions is None:
-            raise ValueError("packed q [T_total, N, H] needs seq_ids and q_positions [T_total]")
-        rows = q[:, None]  # [R = T_total, 1, N, H]: one query row per token
-        row_seq, pos = seq_ids.astype(jnp.int32), q_positions[:, None].astype(jnp.int32)
+            raise ValueError("packed q [T_total, N, H] needs seq_ids and q_positions")
+        if T_total % query_block or seq_ids.shape != (T_total // query_block,):
+            raise ValueError(f"packed q of {T_total} tokens in query blocks of {query_block} needs seq_ids "
+                             f"[{T_total / query_block:g}], got {seq_ids.shape}")
+        rows = q.reshape(T_total // query_block, query_block, N, H)  # [R, Q, N, H]: one row per query block
+        row_seq, pos = seq_ids.astype(jnp.int32), q_positions.reshape(rows.shape[:2]).astype(jnp.int32)
     else:
         if seq_ids is not None:
             raise ValueError("seq_ids is for packed q [T_total, N, H]; q [B, T, N, H] row b is sequence b")
@@ -88,7 +94,7 @@ def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None,
             pos = q_positions.astype(jnp.int32)
     out = _attend(rows, k_pages, v_pages, page_tables, kv_lens, row_seq, pos,
                   q.shape[-1] ** -0.5 if scale is None else scale, pages_per_block)
-    return out[:, 0] if packed else out
+    return out.reshape(q.shape) if packed else out
 
 
 def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, pages_per_block):
@@ -98,7 +104,7 @@ def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, page
     num_pages, P, K, _ = k_vals.shape
     G = N // K
     B, max_pages = page_tables.shape
-    ppb = max(1, min(pages_per_block or max(1, 64 // P), max_pages))
+    ppb = max(1, min(pages_per_block or max(1, 256 // P), max_pages))
     n_blocks_max = -(-max_pages // ppb)
     S_blk = ppb * P  # keys per loop step
 

@@ -107,7 +107,9 @@ def test_steady_state_never_recompiles(llm):
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
-    llm.generate(["Hello there"], SamplingParams(max_new_tokens=4))  # warm-up: bucket 32
+    # Warm-up: prefill rows of 32 and 64 tokens (a prompt takes whole blocks of 16), decode batches of 1 and 3.
+    llm.generate(["Hello there"], SamplingParams(max_new_tokens=4))
+    llm.generate(["Hello there", "Hi", "Hey"], SamplingParams(max_new_tokens=4))
     counts = llm.engine.compiled_count()
     compiles.clear()
     llm.generate(["Hi", "A slightly longer prompt than the first one", "x y z"],
@@ -116,7 +118,8 @@ def test_steady_state_never_recompiles(llm):
     llm.generate(["Another prompt of a different length, still short"], SamplingParams(max_new_tokens=2))
     assert compiles == []
     assert llm.engine.compiled_count() == counts
-    assert counts["generate"] == 1
+    # Never more than one program per bucket, whatever ran before on this engine's steps.
+    assert counts["decode"] <= len(llm.engine.batch_buckets) and counts["prefill"] <= len(llm.engine.token_buckets)
 
 
 def test_context_full_finishes_with_length():

@@ -158,8 +158,17 @@ def test_pages_follow_tokens_and_are_freed(model):
 def test_bad_input_is_a_clear_error(model):
     with pytest.raises(ValueError, match="page size must be an integer >= 1"):
         PagedEngine(model, page_size=0, max_seq_len=64)
-    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) is smaller than the page size \(16\)"):
-        PagedEngine(model, page_size=16, max_num_batched_tokens=8, max_seq_len=64)
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(16\) is smaller than the page size \(32\)"):
+        PagedEngine(model, page_size=32, max_num_batched_tokens=16, max_seq_len=64)
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be a multiple of 16"):
+        PagedEngine(model, page_size=16, max_num_batched_tokens=40, max_seq_len=64)
+    with pytest.raises(ValueError, match="kv_pages must be an integer >= 1"):
+        PagedEngine(model, num_pages=0, max_seq_len=64)
+    with pytest.raises(ValueError, match="memory_fraction must be in"):
+        PagedEngine(model, memory_fraction=1.5, max_seq_len=64)
+    # A pool larger than the device is refused with the bytes it needs and has, before allocating.
+    with pytest.raises(ValueError, match=r"KV pages of 16 tokens need \d+ bytes a device .* the device has \d+ bytes"):
+        PagedEngine(model, page_size=16, num_pages=10**9, max_seq_len=64)
     engine = PagedEngine(model, page_size=16, num_pages=4, max_num_seqs=2, max_num_batched_tokens=64, max_seq_len=256)
     reqs = _requests([10, 100], max_new=4)  # 104 tokens need 7 pages of 16; the pool has 4
     out = scheduler.run(engine, engine.params, reqs)
@@ -167,6 +176,8 @@ def test_bad_input_is_a_clear_error(model):
     assert out[1].finish_reason == "error" and "needs 7 pages of 16 tokens; the pool has 4 pages" in out[1].error
     with pytest.raises(ValueError, match="outside the vocabulary"):
         scheduler.run(engine, engine.params, [batching.Request([CFG.vocab_size], SamplingParams())])
+    with pytest.raises(ValueError, match="needs 7 KV pages of 16 tokens; the pool has 4"):
+        engine.check_request(reqs[1].prompt_ids, 4)
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ TOKEN_PROMPTS = [[(7 * i + 3 * j) % CFG.vocab_size for j in range(5 + 3 * i)] fo
 def _with_model(llm, model, cache_dtype=None):
     """`llm` with another model (same placement and tokenizer) and cache dtype."""
     loaded = loader.LoadedModel(config=llm.config, model=model, tokenizer=llm.tokenizer, source=llm.source)
-    return LLM._build(loaded, llm.placement, llm.engine.batch_size, llm.engine.max_seq_len, cache_dtype)
+    return LLM._build(loaded, llm.placement, llm.engine.max_seq_len, cache_dtype, {"max_num_seqs": llm.engine.batch_size})
 
 
 @pytest.fixture(scope="module")
