@@ -38,8 +38,8 @@ from jax.sharding import NamedSharding
 from shardlm.engine.engine import TRACES, Step, check_prompt, forward_step
 from shardlm.engine.kv_cache import PagedKVCache
 from shardlm.engine.kv_pages import PagePool
-from shardlm.engine.sampling import row_keys, sample
-from shardlm.engine.scheduler import DecodeBatch, PrefillBatch
+from shardlm.engine.sampling import SamplingParams, row_keys, sample
+from shardlm.engine.scheduler import Chunk, DecodeBatch, PrefillBatch
 from shardlm.models import quant
 from shardlm.models.kv_views import PageMeta
 from shardlm.models.paged_attention import KV_PAGES_AXES
@@ -302,11 +302,9 @@ class PagedEngine:
         a multiple of QUERY_BLOCK. Returns (tokens [Bp], logits [Bp, V]) on device: row i is chunk
         i's first token (meaningful where chunk.last) and the logits at its last position."""
         chunks, Bp, Q = batch.chunks, self.max_num_seqs, self.query_block
-        n_tokens = sum(-(-len(c.token_ids) // Q) * Q for c in chunks)
-        if not 0 < len(chunks) <= Bp or n_tokens > self.max_num_batched_tokens:
-            raise ValueError(f"a prefill step takes 1..{Bp} chunks of {self.max_num_batched_tokens} tokens in all "
-                             f"(each rounded up to {Q}), got {len(chunks)} of {n_tokens}")
-        T = _pick(self.token_buckets, n_tokens)
+        if not 0 < len(chunks) <= Bp:
+            raise ValueError(f"a prefill step takes 1..{Bp} chunks, got {len(chunks)}")
+        T = self.row_bucket([len(c.token_ids) for c in chunks])
         tokens, positions = np.zeros((1, T), np.int32), np.zeros((1, T), np.int32)
         q_pos, slots = np.full(T, -1, np.int32), np.full(T, -1, np.int32)
         block_seq = np.full(T // Q, -1, np.int32)
@@ -342,6 +340,28 @@ class PagedEngine:
         self.k, self.v, out, logits = paged_decode_step(self.decode_spec, params, self.k, self.v, tokens, positions,
                                                         meta, *_sampling(batch.samplings, B))
         return out, logits
+
+    def row_bucket(self, lengths) -> int:
+        """The token bucket of a prefill row holding chunks of these lengths (each whole blocks of
+        QUERY_BLOCK tokens)."""
+        Q = self.query_block
+        n_tokens = sum(-(-n // Q) * Q for n in lengths)
+        if n_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"a prefill step takes {self.max_num_batched_tokens} tokens in all (each chunk rounded "
+                             f"up to {Q}), got {n_tokens}")
+        return _pick(self.token_buckets, n_tokens)
+
+    def prompt_logits(self, params, tokens) -> jax.Array:
+        """Logits [V] at the last position of one prompt, prefilled alone by the packed prefill step
+        (into a fresh PagePool's first pages: only for an engine with no sequence running)."""
+        self.check_prompt(tokens)
+        if len(tokens) > self.max_num_batched_tokens:
+            raise ValueError(f"a prompt of {len(tokens)} tokens is more than one prefill step "
+                             f"({self.max_num_batched_tokens} tokens)")
+        pool = self.new_pool()
+        pool.allocate(0, len(tokens))
+        _, logits = self.prefill(params, PrefillBatch((Chunk(0, tuple(tokens), 0, True, SamplingParams()),)), pool)
+        return logits[0]
 
     def forward(self, params, tokens) -> jax.Array:
         """Logits [B, T, V] (float32) of whole sequences tokens [B, T] from position 0, through a

@@ -48,8 +48,14 @@ def reference(base):
 
 
 def _prompt_logits(llm):
-    prefix = llm.engine.prefill(llm.params, llm.encode(PROMPTS[0], chat=True))
-    return np.asarray(prefix.logits)
+    return np.asarray(llm.engine.prompt_logits(llm.params, llm.encode(PROMPTS[0], chat=True)))
+
+
+def _dense_cache(llm):
+    """Layer 0's dense KV cache [B=8, S, K, H] of a dense Engine on llm's placement (the paged
+    engine's pool is checked in tests/test_paged_engine.py)."""
+    engine = Engine(llm.engine.model(), batch_size=8, max_seq_len=128, placement=llm.placement)
+    return engine.init_decode_state().cache.k[0]
 
 
 def _check_equal(llm, reference, n_prompts):
@@ -171,7 +177,7 @@ def test_weights_and_cache_carry_their_layout(base):
         llm = base.relayout(mesh_shape=MESH, layout=name, batch_size=8)
         layer = llm.params["layers"][0]
         got = (_spec(layer["mlp"]["gate"][...]), _spec(layer["mlp"]["down"][...]), _spec(layer["attn"]["q"][...]),
-               _spec(llm.params["embed"][...]), _spec(llm.engine.init_decode_state().cache.k[0]))
+               _spec(llm.params["embed"][...]), _spec(_dense_cache(llm)))
         # SmolLM2's 9 query / 3 kv heads do not divide over 2+ devices: heads stay whole (partial
         # replication), and decode uses the batch-sharded KV cache of Pope et al. Fig. 4c.
         assert got == (gate, down, q, embed, cache), name
@@ -184,10 +190,10 @@ def test_per_device_memory(base):
     for device_index in range(8):
         held = sum(a.addressable_shards[device_index].data.nbytes for a in mlp)
         assert held == total // 8
-    cache = llm.engine.init_decode_state().cache.k[0]  # [B=8, S, K, H] split by batch over 8 devices
+    cache = _dense_cache(llm)  # [B=8, S, K, H] split by batch over 8 devices
     assert {s.data.shape[0] for s in cache.addressable_shards} == {1}
     heads = base.relayout(mesh_shape=MESH, layout="1d_weight_stationary", batch_size=8, attention="heads")
-    replica = heads.engine.init_decode_state().cache.k[0]  # 3 kv heads over 8 devices: replicated
+    replica = _dense_cache(heads)  # 3 kv heads over 8 devices: replicated
     assert {s.data.shape for s in replica.addressable_shards} == {replica.shape}
 
 

@@ -193,3 +193,47 @@ def test_steady_state_never_recompiles(model):
     scheduler.run(engine, engine.params, reqs)
     assert compiles == []
     assert engine.compiled_count() == counts
+
+
+MEMORY_RUN = r"""
+import json, resource, sys
+from shardlm.engine import LLM, SamplingParams, scheduler
+
+llm = LLM.load(max_num_seqs=64, max_seq_len=8192, kv_pages=2048)
+engine = llm.engine
+questions = ["What is the capital of France?", "Name a colour.", "Why is the sky blue?", "Count to five."]
+requests = [llm.request(questions[i % 4] + " " * (i % 7), SamplingParams(max_new_tokens=16, ignore_eos=True), chat=True)
+            for i in range(64)]
+per_page = engine.pool_bytes() // engine.num_pages
+worst = {"over": 0, "running": 0}
+
+def check(batch, sched):  # bytes held against the tokens in flight, every step
+    tokens = sum(sched.pool.length(s.seq_id) for s in sched.running if s.seq_id in sched.pool)
+    seqs = sum(s.seq_id in sched.pool for s in sched.running)
+    held = engine.bytes_held(sched.pool)
+    worst["over"] = max(worst["over"], held - tokens * per_page // engine.page_size - seqs * per_page)
+    worst["running"] = max(worst["running"], seqs)
+
+results = scheduler.run(engine, llm.params, requests, on_step=check)
+print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "worst": worst,
+                  "done": sum(len(r.token_ids) == 16 for r in results), "pool_bytes": engine.pool_bytes(),
+                  "max_seq_len": engine.max_seq_len}))
+"""
+
+
+@pytest.mark.slow
+def test_64_sequences_of_8192_tokens_in_4_gb():
+    """A dense cache for 64 x 8192 tokens of the embedded model would be 64 x 8192 x 46 KB = 24 GB
+    (float32); pages hold only what the sequences use: a job of 64 short chat prompts at once."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "XLA_FLAGS": ""}  # one CPU device, a fresh process to measure
+    out = subprocess.run([sys.executable, "-c", MEMORY_RUN], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["done"] == 64 and report["max_seq_len"] == 8192
+    assert report["worst"]["running"] == 64  # all 64 sequences held pages at once
+    assert report["worst"]["over"] <= 0  # held bytes within one page per sequence of the tokens in flight
+    assert report["peak_rss"] < 4 * 2**30, f"peak RSS {report['peak_rss'] / 2**30:.2f} GiB"
