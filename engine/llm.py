@@ -13,7 +13,7 @@ from shardlm.checkpoints import loader
 from shardlm.checkpoints.tokenizer import Tokenizer
 from shardlm.engine import batching, scheduler
 from shardlm.engine.engine import Engine
-from shardlm.engine.paged_engine import PagedEngine
+from shardlm.engine.paged_engine import PagedEngine, check_settings
 from shardlm.engine.sampling import SamplingParams
 from shardlm.models import quant
 from shardlm.sharding.pipeline import check_not_quantized
@@ -127,6 +127,8 @@ class LLM:
         check_max_seq_len(max_seq_len, config)  # before the (slow) load
         pool = dict(max_num_seqs=_seqs(batch_size, max_num_seqs), max_num_batched_tokens=max_num_batched_tokens,
                     page_size=page_size, kv_pages=kv_pages, memory_fraction=memory_fraction)
+        check_settings(page_size=page_size, num_pages=kv_pages, max_num_batched_tokens=max_num_batched_tokens,
+                       memory_fraction=memory_fraction)  # before the (slow) load
         placement = Placement.make(config, mesh_shape=mesh_shape, layout=layout,
                                    prefill_layout=prefill_layout, decode_layout=decode_layout, attention=attention,
                                    batch_size=pool["max_num_seqs"] or 8, microbatches=microbatches)

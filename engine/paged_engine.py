@@ -147,8 +147,33 @@ class PoolPlan:
         gib = 2**30
         return (f"KV pool {self.num_pages} pages of {self.page_size} tokens ({self.num_pages * self.page_size} tokens, "
                 f"{self.num_pages * self.page_bytes / gib:.2f} GiB beside {self.weight_bytes / gib:.2f} GiB "
-                f"of weights, of {self.memory / gib:.1f} GiB); up to {self.max_num_seqs} sequences of "
+                f"of weights, of {self.memory / gib:.1f} GiB); up to {self.max_num_seqs} "
+                f"sequence{'s' if self.max_num_seqs > 1 else ''} of "
                 f"{self.max_seq_len} tokens, {self.max_num_batched_tokens} prompt tokens a step")
+
+
+def check_settings(*, page_size=None, num_pages=None, max_num_seqs=None, max_num_batched_tokens=None,
+                   memory_fraction=None) -> None:
+    """The pool settings a user gives (None: a default), checked before anything loads."""
+    def whole(name, value):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1):
+        raise ValueError(f"page size must be an integer >= 1 token, got {page_size!r}")
+    for name, value in (("kv_pages", num_pages), ("max_num_seqs", max_num_seqs),
+                        ("max_num_batched_tokens", max_num_batched_tokens)):
+        whole(name, value)
+    if max_num_batched_tokens is not None:
+        if max_num_batched_tokens % QUERY_BLOCK:
+            raise ValueError(f"max_num_batched_tokens must be a multiple of {QUERY_BLOCK} (prompts are laid out in "
+                             f"blocks of {QUERY_BLOCK} tokens), got {max_num_batched_tokens}")
+        if max_num_batched_tokens < (page_size or 16):
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) is smaller than the page size "
+                             f"({page_size or 16}); give a budget of at least one page")
+    if memory_fraction is not None and (isinstance(memory_fraction, bool) or
+                                        not isinstance(memory_fraction, (int, float)) or not 0 < memory_fraction <= 1):
+        raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
 
 
 def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_size: int | None = None,
@@ -166,18 +191,9 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
     A pool that does not fit the devices is refused with the bytes it needs and they have."""
     cpu = mesh.devices.flat[0].platform == "cpu"
     page_size = 16 if page_size is None else page_size
-    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-        raise ValueError(f"page size must be an integer >= 1 token, got {page_size!r}")
-    for name, value in (("kv_pages", num_pages), ("max_num_seqs", max_num_seqs),
-                        ("max_num_batched_tokens", max_num_batched_tokens)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if memory_fraction is not None and not 0 < memory_fraction <= 1:
-        raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
     budget_tokens = max_num_batched_tokens or (512 if cpu else 2048)
-    if budget_tokens < page_size:
-        raise ValueError(f"max_num_batched_tokens ({budget_tokens}) is smaller than the page size ({page_size}); "
-                         f"give a budget of at least one page")
+    check_settings(page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs,
+                   max_num_batched_tokens=budget_tokens, memory_fraction=memory_fraction)
     memory = mesh_memory(mesh)
     weights = sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards)
     one_page = page_bytes(cfg, page_size, cache_dtype, mesh, rules)
@@ -251,10 +267,8 @@ class PagedEngine:
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 1 < max_seq_len <= cfg.max_seq_len:
             raise ValueError(f"max_seq_len must be an integer in [2, {cfg.max_seq_len}] for {cfg.name}, "
                              f"got {max_seq_len!r}")
-        if max_num_batched_tokens is not None and not isinstance(max_num_batched_tokens, bool) and \
-                isinstance(max_num_batched_tokens, int) and max_num_batched_tokens % QUERY_BLOCK:
-            raise ValueError(f"max_num_batched_tokens must be a multiple of {QUERY_BLOCK} (prompts are laid out "
-                             f"in blocks of {QUERY_BLOCK} tokens), got {max_num_batched_tokens}")
+        check_settings(page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens, memory_fraction=memory_fraction)
         self.cfg = cfg
         self.placement = placement or Placement.make(cfg, batch_size=max_num_seqs or 8)
         self.strategy, self.mesh = self.placement.strategy, self.placement.mesh

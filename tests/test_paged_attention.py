@@ -71,7 +71,7 @@ def _max_err(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)))
 
 
-attend = jax.jit(paged_attention, static_argnames=("scale", "pages_per_block"))
+attend = jax.jit(paged_attention, static_argnames=("scale", "pages_per_block", "query_block"))
 HEADS = [(4, 1), (4, 4), (6, 2)]  # (N, K): MQA, MHA, GQA
 
 
@@ -110,6 +110,37 @@ def test_rows_of_several_queries_are_causal():
     out = attend(jnp.asarray(q), k_pages, v_pages, tables, jnp.asarray(lens, jnp.int32), jnp.asarray(pos))
     for b in range(3):
         assert _max_err(out[b], _reference(q[b], k[b], v[b], pos[b] + 1)) < ATOL
+
+
+@pytest.mark.parametrize("P", [4, 16])
+def test_query_blocks_equal_per_token_rows(P):
+    """Prompts laid out from multiples of Q = 8 tokens (padding between them), seq_ids per block:
+    the same outputs as naming each token's sequence (query_block 1), padding gives 0."""
+    rng = np.random.default_rng(11 + P)
+    N, K, Q = 4, 2, 8
+    context, new = [0, 20, 5], [7, 17, 8]
+    lens = [c + n for c, n in zip(context, new)]
+    k_pages, v_pages, tables, k, v = _pool(rng, lens, P, K)
+    blocks = [-(-n // Q) for n in new] + [1]  # a last all-padding block
+    T = Q * sum(blocks)
+    seq_ids, pos, block_seq, at = np.full(T, -1, np.int32), np.full(T, -1, np.int32), [], 0
+    for b, n in enumerate(new):
+        seq_ids[at:at + n], pos[at:at + n] = b, context[b] + np.arange(n)
+        block_seq += [b] * blocks[b]
+        at += Q * blocks[b]
+    block_seq = np.asarray(block_seq + [-1], np.int32)
+    q = jnp.asarray(rng.standard_normal((T, N, H)).astype(np.float32))
+    kv_lens = jnp.asarray(lens, jnp.int32)
+    per_token = np.asarray(attend(q, k_pages, v_pages, tables, kv_lens, jnp.asarray(pos), jnp.asarray(seq_ids)))
+    blocked = np.asarray(attend(q, k_pages, v_pages, tables, kv_lens, jnp.asarray(pos), jnp.asarray(block_seq),
+                                query_block=Q))
+    assert np.all(blocked[pos < 0] == 0) and np.abs(blocked).max() > 0
+    assert _max_err(blocked, per_token) < ATOL
+    for b in range(3):
+        mine = seq_ids == b
+        assert _max_err(blocked[mine], _reference(np.asarray(q)[mine], k[b], v[b], pos[mine] + 1)) < ATOL
+    with pytest.raises(ValueError, match="needs seq_ids"):
+        paged_attention(q, k_pages, v_pages, tables, kv_lens, jnp.asarray(pos), jnp.asarray(seq_ids), query_block=Q)
 
 
 @pytest.mark.parametrize("P", [1, 16, 64])

@@ -125,7 +125,9 @@ def test_running_sequences_decode_between_a_long_prompts_chunks(model):
     assert [r.token_ids for r in out[:3]] == [r.token_ids for r in alone]
     chunk_steps = [i for i, b in enumerate(steps) if isinstance(b, PrefillBatch) and
                    any(c.seq_id == 3 for c in b.chunks)]
-    assert len(chunk_steps) == 1 + -(-(2000 - (512 - 49)) // 512)  # the first chunk shares its step with 49 tokens
+    # The first chunk shares its step with the 49 short tokens, laid out in 64 (blocks of 16).
+    assert len(chunk_steps) == 1 + -(-(2000 - (512 - 64)) // 512)
+    assert len(steps[chunk_steps[0]].chunks[-1].token_ids) == 512 - 64
     for i in chunk_steps[:-1]:
         assert isinstance(steps[i + 1], scheduler.DecodeBatch) and set(steps[i + 1].seq_ids) >= {0, 1, 2}
     dense = Engine(model, batch_size=1, max_seq_len=2048)
@@ -237,3 +239,34 @@ def test_64_sequences_of_8192_tokens_in_4_gb():
     assert report["worst"]["running"] == 64  # all 64 sequences held pages at once
     assert report["worst"]["over"] <= 0  # held bytes within one page per sequence of the tokens in flight
     assert report["peak_rss"] < 4 * 2**30, f"peak RSS {report['peak_rss'] / 2**30:.2f} GiB"
+
+
+# Heads, d_model and d_ff that divide over 8 devices, so the pools split by kv heads.
+DIVISIBLE = ModelConfig("divisible", vocab_size=512, d_model=256, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=32,
+                        d_ff=1024, max_seq_len=256)
+
+
+@pytest.mark.parametrize("layout,kv_heads,page_size", [
+    ("1d_weight_stationary", 8, 1), ("2d_weight_stationary", 8, 64), ("weight_gathered_xyz", 8, 16),
+    ("2d_weight_stationary", 2, 16)])  # 2 kv heads over 8 devices: decode attention batch-sharded
+@pytest.mark.slow
+def test_layouts_on_8_devices_equal_one_dense_device(layout, kv_heads, page_size):
+    """Mixed-length prompts crossing page boundaries, packed prefill then decode, under a layout on
+    8 devices: the tokens of the dense engine on one device."""
+    import dataclasses
+
+    from shardlm.sharding.placement import Placement
+
+    cfg = dataclasses.replace(DIVISIBLE, n_kv_heads=kv_heads)
+    model = Llama(cfg, rngs=nnx.Rngs(5))
+    reqs = [batching.Request([(7 * i + 3 * j) % cfg.vocab_size for j in range(5 + 9 * i)],
+                             _sampling(i, max_new=24), key=i) for i in range(8)]
+    one = Engine(model, batch_size=8, max_seq_len=128)
+    want = [r.token_ids for r in batching.run(one, one.params, reqs)]
+    placement = Placement.make(cfg, mesh_shape={"x": 2, "y": 2, "z": 2}, layout=layout, batch_size=8)
+    engine = PagedEngine(model, placement=placement, page_size=page_size, max_num_seqs=8,
+                         max_num_batched_tokens=256, max_seq_len=128)
+    assert [r.token_ids for r in scheduler.run(engine, engine.params, reqs)] == want
+    assert len({tuple(t) for t in want}) > 1
+    if layout.endswith("weight_stationary") and kv_heads == 8:  # the pool [pages, P, K, H] split by kv heads
+        assert engine.k[0].addressable_shards[0].data.shape[2] < kv_heads
