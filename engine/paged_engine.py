@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from shardlm.engine.engine import TRACES, Step, check_prompt, forward_step
 from shardlm.engine.kv_cache import PagedKVCache
@@ -107,8 +106,7 @@ def mesh_memory(mesh) -> int:
 
 def _per_device_bytes(shape, dtype, mesh, rules) -> int:
     """Bytes of one device's shard of a pool array [num_pages, P, K, H] under `rules`."""
-    sharding = NamedSharding(mesh, rules.spec(KV_PAGES_AXES, shape, mesh))
-    return int(np.prod(sharding.shard_shape(shape))) * jnp.dtype(dtype).itemsize
+    return int(np.prod(rules.sharding(mesh, KV_PAGES_AXES, shape).shard_shape(shape))) * jnp.dtype(dtype).itemsize
 
 
 def page_bytes(cfg, page_size: int, cache_dtype, mesh, rules) -> int:
