@@ -180,7 +180,8 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
     """The pool and limits a paged engine gets; each None is a default:
     - page_size 16 tokens;
     - num_pages: what fits in memory_fraction of the devices' memory beside the weights (default
-      0.9 on GPU/TPU, whose memory the engine owns; 0.1 on CPU, whose memory the host shares),
+      0.9 on GPU/TPU, whose memory the engine owns; on CPU 0.1 of the host's available memory once
+      the weights are loaded, since the host's memory is shared),
       capped at what max_num_seqs full sequences need when max_num_seqs is given; the same in
       every process of a multi-host job (the smallest);
     - max_num_seqs: the pool's tokens over 2,048 (between 1 and 256), at most num_pages;
@@ -196,9 +197,11 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
     weights = sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards)
     one_page = page_bytes(cfg, page_size, cache_dtype, mesh, rules)
     pages_per_seq = -(-max_seq_len // page_size)
+    # On CPU the available memory is read with the weights already in it; a GPU/TPU limit includes them.
+    beside = 0 if cpu else weights
     if num_pages is None:
         fraction = memory_fraction or (0.1 if cpu else 0.9)
-        free = int(fraction * memory) - weights
+        free = int(fraction * memory) - beside
         num_pages = _agree(free // one_page)
         if num_pages < 1:
             raise ValueError(f"no room for KV pages: the weights take {weights / 2**30:.2f} GiB, {fraction:g} of "
@@ -206,10 +209,11 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
                              f"give a larger memory_fraction or kv_pages")
         if max_num_seqs is not None:
             num_pages = min(num_pages, max_num_seqs * pages_per_seq)
-    elif weights + num_pages * one_page > memory:
-        raise ValueError(f"{num_pages} KV pages of {page_size} tokens need {num_pages * one_page} bytes beside "
-                         f"{weights} of weights; the devices have {memory} bytes: give at most "
-                         f"{max(0, (memory - weights) // one_page)} pages")
+    elif beside + num_pages * one_page > memory:
+        has = (f"the host has {memory} bytes available beside the weights" if cpu else
+               f"the devices have {memory} bytes, {weights} of them taken by the weights")
+        raise ValueError(f"{num_pages} KV pages of {page_size} tokens need {num_pages * one_page} bytes; {has}: "
+                         f"give at most {max(0, (memory - beside) // one_page)} pages")
     if max_num_seqs is None:
         max_num_seqs = max(1, min(256, num_pages * page_size // 2048, num_pages))
     return PoolPlan(page_size, num_pages, max_num_seqs, budget_tokens, max_seq_len, one_page, memory, weights)

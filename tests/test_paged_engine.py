@@ -169,7 +169,7 @@ def test_bad_input_is_a_clear_error(model):
     with pytest.raises(ValueError, match="memory_fraction must be in"):
         PagedEngine(model, memory_fraction=1.5, max_seq_len=64)
     # A pool larger than the device is refused with the bytes it needs and has, before allocating.
-    with pytest.raises(ValueError, match=r"KV pages of 16 tokens need \d+ bytes a device .* the device has \d+ bytes"):
+    with pytest.raises(ValueError, match=r"KV pages of 16 tokens need \d+ bytes; the host has \d+ bytes available beside the weights"):
         PagedEngine(model, page_size=16, num_pages=10**9, max_seq_len=64)
     engine = PagedEngine(model, page_size=16, num_pages=4, max_num_seqs=2, max_num_batched_tokens=64, max_seq_len=256)
     reqs = _requests([10, 100], max_new=4)  # 104 tokens need 7 pages of 16; the pool has 4
