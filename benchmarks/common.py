@@ -302,3 +302,72 @@ def steady_decode(engine, params, prompts: list[list[int]], steps: int, warm_ste
     return {"steps": steps, "total_s": total, "mean_step_s": total / steps, "median_step_s": median(times),
             "tok_s": B * steps / total, "median_step_tok_s": B / median(times),
             "bandwidth": median(bw), "bandwidth_samples": bw}
+
+
+# ----- timing the paged engine's steps (PagedEngine.prefill / decode over a PagePool) -----
+
+def paged_decode_at(engine, params, batch: int, live: int, steps: int = 16, warm_steps: int = 3) -> dict:
+    """Direct timing of `engine.decode` (a PagedEngine) for `batch` sequences holding about `live`
+    tokens: each sequence gets pages for live - steps // 2 tokens in a fresh PagePool (no prefill:
+    the pool's values do not change a step's cost), then `steps` decode steps, each allocating one
+    more token per sequence as the scheduler does and reading the tokens on the host, so the live
+    lengths run around `live`. `warm_steps` first on another pool (the first compiles the batch
+    bucket). Returns the step times."""
+    from shardlm.engine.sampling import SamplingParams
+    from shardlm.engine.scheduler import DecodeBatch
+
+    rng = np.random.default_rng(4)
+    start = live - steps // 2
+    sampling = (SamplingParams(),) * batch
+
+    def run(n):
+        pool = engine.new_pool()
+        for s in range(batch):
+            pool.allocate(s, start)
+        times = []
+        for _ in range(n):
+            for s in range(batch):
+                pool.allocate(s, 1)
+            b = DecodeBatch(tuple(range(batch)), tuple(int(t) for t in rng.integers(0, engine.cfg.vocab_size, batch)),
+                            tuple(pool.length(s) - 1 for s in range(batch)), sampling)
+            t0 = time.perf_counter()
+            np.asarray(engine.decode(params, b, pool)[0])
+            times.append(time.perf_counter() - t0)
+        return times
+
+    run(warm_steps)
+    times = run(steps)
+    return {"batch": batch, "live_tokens": [start + 1, start + steps], "steps": steps,
+            "mean_step_s": sum(times) / steps, "median_step_s": median(times), "times_s": times}
+
+
+class PagedStepTimer:
+    """Wraps a PagedEngine's prefill and decode (instance attributes, removed by `remove`) to time
+    each step to its tokens being ready (the scheduler reads them on the host right after, so
+    blocking here adds no wait); `steps` holds (kind, n, seconds): kind "prefill" (n chunks) or
+    "decode" (n sequences)."""
+
+    def __init__(self, engine):
+        import jax
+
+        self.engine, self.steps = engine, []
+        for kind in ("prefill", "decode"):
+            inner = getattr(engine, kind)
+
+            def timed(params, batch, pool, _inner=inner, _kind=kind):
+                t0 = time.perf_counter()
+                out = _inner(params, batch, pool)
+                jax.block_until_ready(out[0])
+                n = len(batch.chunks) if _kind == "prefill" else len(batch.seq_ids)
+                self.steps.append((_kind, n, time.perf_counter() - t0))
+                return out
+
+            setattr(engine, kind, timed)
+
+    def remove(self):
+        del self.engine.prefill, self.engine.decode
+
+    def total(self, kind: str) -> tuple[int, float]:
+        """(steps, seconds) of one kind."""
+        xs = [s for k, _, s in self.steps if k == kind]
+        return len(xs), sum(xs)
