@@ -27,7 +27,8 @@ of prefill; the other new_tokens - 1 come out of decode steps, and decode tokens
 - shardlm (TinyLlama, dense Engine): `Engine.generate` steps timed one by one after the prompt is
   inserted, after warm-up steps on a separate state; the host reads the tokens of every step.
 - max_seq_len: the decode step at about --live live tokens of engines built with max_seq_len 512
-  and 8192 on the same SmolLM2 weights, paged (PagedEngine(model, max_seq_len=S, max_num_seqs=8),
+  and 8192 on the same SmolLM2 weights, paged (PagedEngine(model, max_seq_len=S, max_num_seqs=8,
+  num_pages=256): one pool size, so only max_seq_len differs;
   engine.decode timed directly on a PagePool) and dense (Engine(model, batch_size=B, max_seq_len=S)),
   batch 1 and 8: a paged step should not grow with max_seq_len, a dense one does.
 - llama.cpp (optional; `pip install llama-cpp-python`, not a shardlm dependency): batch 1 on the same
@@ -477,14 +478,17 @@ def interleaved(label: str, B: int, rounds: int, run_jax, run_hf, args, run_cpp=
 
 def seq_len_contrast(model, cfg: ModelConfig, args) -> dict:
     """Decode step time at about args.live live tokens, for engines built with max_seq_len 512 and
-    8192 on the same model: PagedEngine(model, max_seq_len=S, max_num_seqs=8) (its pool sized by
-    plan_pool as by default, capped at 8 sequences of S tokens), timed by common.paged_decode_at;
+    8192 on the same model: PagedEngine(model, max_seq_len=S, max_num_seqs=8, num_pages=256) (one
+    pool size for both, 8 sequences of 512 tokens), timed by common.paged_decode_at;
     and the dense Engine(model, batch_size=B, max_seq_len=S), timed by common.steady_decode after
     B prompts of live - 8 random tokens are inserted. Rounds alternate 512 and 8192."""
     live, steps, lens = args.live, 16, (512, 8192)
     out: dict = {"live_tokens": live, "steps": steps, "max_seq_lens": list(lens), "rounds": args.seq_rounds,
                  "paged": {}, "dense": {}, "paged_plans": {}}
-    paged = {S: PagedEngine(model, max_seq_len=S, max_num_seqs=8) for S in lens}
+    # num_pages given (enough for 8 sequences of 512 tokens), the same for both: the comparison is of
+    # max_seq_len alone (the page-table width), and does not depend on the host's free memory, from
+    # which the default pool is sized (a busy host with 3.3 GiB available left no room for it).
+    paged = {S: PagedEngine(model, max_seq_len=S, max_num_seqs=8, num_pages=8 * 512 // 16) for S in lens}
     for S, eng in paged.items():
         out["paged_plans"][S] = eng.plan.describe()
     for B in (1, 8):
@@ -757,7 +761,7 @@ def report(res: dict) -> None:
             for B, r in sl[kind].items():
                 log(f"  {kind + ' B=' + str(B):22s}{r[512]['mean_step_s'] * 1e3:10.1f}{r[8192]['mean_step_s'] * 1e3:10.1f}"
                     f"{r['ratio']:9.2f}x")
-        log("  paged: PagedEngine(model, max_seq_len=S, max_num_seqs=8), engine.decode timed directly on a pool")
+        log("  paged: PagedEngine(model, max_seq_len=S, max_num_seqs=8, num_pages=256), engine.decode timed on a pool")
         for S, text in sl["paged_plans"].items():
             log(f"    S={S}: {text}")
         log("  dense: Engine(model, batch_size=B, max_seq_len=S), Engine.generate timed after B prompts are inserted")
