@@ -224,7 +224,7 @@ class LLM:
         sampling = sampling or SamplingParams()
         ids = self.encode(prompt, chat)
         if self.paged:
-            self.engine.check_request(ids, sampling.max_new_tokens)
+            self.engine.check_fits(len(ids), sampling.max_new_tokens)
         return batching.Request(ids, sampling, self.stop_token_ids, key=key)
 
     def run(self, requests: Sequence[batching.Request], *, on_result: Callable[[object, Completion], None] | None = None,
@@ -250,8 +250,8 @@ class LLM:
             if on_step is not None and n:
                 on_step(n)
 
-        for r in requests:  # request() checked these already; a hand-made Request is checked here, before any work
-            self.engine.check_request(r.prompt_ids, r.sampling.max_new_tokens)
+        for r in requests:  # page arithmetic only: a hand-made Request that cannot fit fails before any work
+            self.engine.check_fits(len(r.prompt_ids), r.sampling.max_new_tokens)
         results = scheduler.run(self.engine, self.params, requests, on_result=finished, on_step=stepped,
                                 on_token=streamed)
         return [self._completion(r) for r in results]

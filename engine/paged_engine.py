@@ -300,12 +300,11 @@ class PagedEngine:
     def check_prompt(self, tokens) -> None:
         check_prompt(tokens, self.max_seq_len, self.cfg.vocab_size)
 
-    def check_request(self, tokens, max_new_tokens: int) -> None:
-        """A prompt that fits the context and, with its max_new_tokens, the page pool."""
-        self.check_prompt(tokens)
-        need = -(-min(len(tokens) + max_new_tokens, self.max_seq_len) // self.page_size)
+    def check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
+        """A prompt of n_prompt tokens (already checked) that, with its max_new_tokens, fits the pool."""
+        need = -(-min(n_prompt + max_new_tokens, self.max_seq_len) // self.page_size)
         if need > self.num_pages:
-            raise ValueError(f"a prompt of {len(tokens)} tokens with max_new_tokens {max_new_tokens} needs {need} "
+            raise ValueError(f"a prompt of {n_prompt} tokens with max_new_tokens {max_new_tokens} needs {need} "
                              f"KV pages of {self.page_size} tokens; the pool has {self.num_pages} "
                              f"(give more kv_pages or a larger memory fraction)")
 

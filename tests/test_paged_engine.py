@@ -179,7 +179,7 @@ def test_bad_input_is_a_clear_error(model):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         scheduler.run(engine, engine.params, [batching.Request([CFG.vocab_size], SamplingParams())])
     with pytest.raises(ValueError, match="needs 7 KV pages of 16 tokens; the pool has 4"):
-        engine.check_request(reqs[1].prompt_ids, 4)
+        engine.check_fits(len(reqs[1].prompt_ids), 4)
 
 
 @pytest.mark.slow
