@@ -7,6 +7,8 @@ uses the half-split (HF) RoPE, so `_unpermute` undoes that on import.
 from __future__ import annotations
 
 import os
+import struct
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -18,9 +20,96 @@ class CheckpointError(ValueError):
     """A model file or folder that cannot be read; the message names the file and what is wrong."""
 
 
-def _reader(path: str):
-    import gguf
+# GGUF value types: struct formats of the scalars; 8 is a string, 9 an array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
 
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]  # GGUF's order: the fastest-varying dimension first
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    data: np.ndarray  # a view of the file: float arrays in numpy order, quantized blocks as uint8 rows
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+
+class _Header:
+    """The metadata and tensor directory of a GGUF file (versions 2 and 3), parsed with struct:
+    gguf's own reader builds a numpy view per element of the tokenizer's arrays (seconds for a
+    50k-token vocabulary). Tensor data stays in a memory map."""
+
+    def __init__(self, path: str):
+        self.buf = np.memmap(path, np.uint8, mode="r")
+        self.mem, self.at = memoryview(self.buf), 0
+        magic, version = self._unpack("4sI")
+        if magic != MAGIC:
+            raise ValueError("no GGUF magic bytes")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (versions 2 and 3 are read)")
+        n_tensors, n_kv = self._unpack("QQ")
+        self.metadata = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._unpack("I")[0])
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            (n_dims,) = self._unpack("I")
+            dims = self._unpack(f"{n_dims}Q")
+            ggml_type, offset = self._unpack("IQ")
+            infos.append((name, dims, ggml_type, offset))
+        align = int(self.metadata.get("general.alignment", 32))
+        data_start = -(-self.at // align) * align
+        self.tensors = [self._tensor(name, dims, t, data_start + offset) for name, dims, t, offset in infos]
+
+    def _unpack(self, fmt: str):
+        fmt = "<" + fmt
+        values = struct.unpack_from(fmt, self.mem, self.at)
+        self.at += struct.calcsize(fmt)
+        return values
+
+    def _string(self) -> str:
+        (n,) = self._unpack("Q")
+        if self.at + n > len(self.mem):
+            raise ValueError("a string runs past the end of the file")
+        text = bytes(self.mem[self.at:self.at + n]).decode("utf-8", errors="replace")
+        self.at += n
+        return text
+
+    def _value(self, kind: int):
+        if kind in _SCALARS:
+            return self._unpack(_SCALARS[kind])[0]
+        if kind == _STRING:
+            return self._string()
+        if kind != _ARRAY:
+            raise ValueError(f"unknown metadata value type {kind}")
+        item, n = self._unpack("IQ")
+        if item in _SCALARS and item != 7:  # numbers in one read
+            dtype = np.dtype("<" + _SCALARS[item])
+            values = np.frombuffer(self.mem, dtype, n, self.at).tolist()
+            self.at += n * dtype.itemsize
+            return values
+        return [self._value(item) for _ in range(n)]
+
+    def _tensor(self, name, dims, ggml_type, start) -> Tensor:
+        import gguf
+
+        kind = gguf.GGMLQuantizationType(ggml_type)
+        shape = tuple(int(d) for d in reversed(dims))  # numpy order
+        dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(kind.name)
+        if dtype is not None:  # as gguf's reader: these as typed arrays, every other type as bytes
+            data = self.buf[start:start + int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+        else:
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
+            data = self.buf[start:start + int(np.prod(byte_shape))].reshape(byte_shape)
+        return Tensor(name, tuple(int(d) for d in dims), kind, data)
+
+
+def _header(path: str) -> _Header:
     if not os.path.exists(path):
         raise CheckpointError(f"model path does not exist: {path}")
     if not os.path.isfile(path):
@@ -29,26 +118,14 @@ def _reader(path: str):
         if f.read(4) != MAGIC:
             raise CheckpointError(f"not a GGUF file (no GGUF magic bytes): {path}")
     try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # gguf raises assorted errors on truncated or corrupt files
+        return _Header(path)
+    except Exception as e:  # truncated or corrupt: struct, numpy and gguf raise assorted errors
         raise CheckpointError(f"cannot read GGUF file {path} (truncated or corrupt?): {e}") from None
 
 
 def read_metadata(path: str) -> dict[str, Any]:
     """All key/value metadata of a GGUF file as plain Python values (str, int, float, bool, list)."""
-    return _metadata(_reader(path))
-
-
-def _metadata(reader) -> dict[str, Any]:
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = field.contents()
-        if isinstance(value, np.generic):
-            value = value.item()
-        out[key] = value
-    return out
+    return _header(path).metadata
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -63,9 +140,9 @@ class GGUFWeights:
 
     def __init__(self, path: str):
         self.path = path
-        self.reader = _reader(path)
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self.metadata = _metadata(self.reader)  # parsing a GGUF's fields takes seconds: once
+        header = _header(path)
+        self.tensors = {t.name: t for t in header.tensors}
+        self.metadata = header.metadata
 
     def get(self, name: str) -> np.ndarray:
         """Tensor `name` as float32 in GGUF's row-major order ([out, in] for projections)."""
