@@ -15,7 +15,8 @@ Two steps, module-level jitted functions with a static engine.Step as in engine/
   (seq_ids) including the pages earlier chunks wrote. Each chunk that completes its prompt samples
   the prompt's first token at its own last position with its own SamplingParams, keyed by
   (seed, prompt length) exactly as Engine.prefill does, so tokens equal the dense engine's.
-  Rows: up to max_num_seqs chunks per step (a fixed Bp, so one program per token bucket).
+  Rows: a row of T tokens holds at most T / QUERY_BLOCK chunks, so its step samples
+  Bp = min(max_num_seqs, T / QUERY_BLOCK) rows (fixed per token bucket: one program each).
 - `decode`: one token for each running sequence, the batch padded to a power of two up to
   max_num_seqs (padding rows hold no pages and write nothing); keys (seed, position + 1) as
   Engine.generate's.
@@ -184,7 +185,9 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
       the weights are loaded, since the host's memory is shared),
       capped at what max_num_seqs full sequences need when max_num_seqs is given; the same in
       every process of a multi-host job (the smallest);
-    - max_num_seqs: the pool's tokens over 2,048 (between 1 and 256), at most num_pages;
+    - max_num_seqs: 256, at most num_pages: the scheduler admits while the pages allow, so what
+      runs at once follows the requests' lengths (decode batches are bucketed, so the bound costs
+      nothing while fewer run);
     - max_num_batched_tokens: 2,048 on GPU/TPU, 512 on CPU (a prefill step stalls decoding for its
       length, and a CPU step is slow), at least one page.
     A pool that does not fit the devices is refused with the bytes it needs and they have."""
@@ -215,7 +218,7 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
         raise ValueError(f"{num_pages} KV pages of {page_size} tokens need {num_pages * one_page} bytes; {has}: "
                          f"give at most {max(0, (memory - beside) // one_page)} pages")
     if max_num_seqs is None:
-        max_num_seqs = max(1, min(256, num_pages * page_size // 2048, num_pages))
+        max_num_seqs = min(256, num_pages)
     return PoolPlan(page_size, num_pages, max_num_seqs, budget_tokens, max_seq_len, one_page, memory, weights)
 
 
@@ -316,10 +319,11 @@ class PagedEngine:
         """Run the batch's chunks (their pages allocated in `pool`) in one packed row, each chunk from
         a multiple of QUERY_BLOCK. Returns (tokens [Bp], logits [Bp, V]) on device: row i is chunk
         i's first token (meaningful where chunk.last) and the logits at its last position."""
-        chunks, Bp, Q = batch.chunks, self.max_num_seqs, self.query_block
-        if not 0 < len(chunks) <= Bp:
-            raise ValueError(f"a prefill step takes 1..{Bp} chunks, got {len(chunks)}")
+        chunks, Q = batch.chunks, self.query_block
+        if not 0 < len(chunks) <= self.max_num_seqs:
+            raise ValueError(f"a prefill step takes 1..{self.max_num_seqs} chunks, got {len(chunks)}")
         T = self.row_bucket([len(c.token_ids) for c in chunks])
+        Bp = self.prefill_rows(T)
         tokens, positions = np.zeros((1, T), np.int32), np.zeros((1, T), np.int32)
         q_pos, slots = np.full(T, -1, np.int32), np.full(T, -1, np.int32)
         block_seq = np.full(T // Q, -1, np.int32)
@@ -356,6 +360,10 @@ class PagedEngine:
                                                         meta, *_sampling(batch.samplings, B))
         return out, logits
 
+    def prefill_rows(self, T: int) -> int:
+        """Rows a prefill step of T tokens samples: each chunk takes at least one query block."""
+        return min(self.max_num_seqs, T // self.query_block)
+
     def row_bucket(self, lengths) -> int:
         """The token bucket of a prefill row holding chunks of these lengths (each whole blocks of
         QUERY_BLOCK tokens)."""
@@ -386,14 +394,14 @@ class PagedEngine:
     def compiled_text(self, phase: str = "decode", bucket: int | None = None) -> str:
         """The optimized HLO of one step: "decode" (at batch bucket `bucket`, default max_num_seqs)
         or "prefill" (at token bucket `bucket`, default the smallest)."""
-        Bp = self.max_num_seqs
         if phase == "decode":
-            B = bucket or Bp
+            B = bucket or self.max_num_seqs
             meta = PageMeta(np.full(B, -1, np.int32), np.zeros((B, self.max_pages), np.int32), np.zeros(B, np.int32))
             lowered = paged_decode_step.lower(self.decode_spec, self.params, self.k, self.v, np.zeros(B, np.int32),
                                               np.zeros(B, np.int32), meta, *_sampling([], B))
         elif phase == "prefill":
             T = bucket or self.token_buckets[0]
+            Bp = self.prefill_rows(T)
             meta = PageMeta(np.full(T, -1, np.int32), np.zeros((Bp, self.max_pages), np.int32), np.zeros(Bp, np.int32),
                             np.full(T // self.query_block, -1, np.int32), np.full(T, -1, np.int32))
             lowered = paged_prefill_step.lower(self.prefill_spec, self.params, self.k, self.v, np.zeros((1, T), np.int32),

@@ -53,10 +53,11 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
             q = quant.quantize_kv(new)
             return quant.QuantizedKV(write(pages.values, q.values), write(pages.scale, q.scale))
         num_pages, P = pages.shape[:2]
-        flat = pages.reshape((num_pages * P,) + pages.shape[2:])  # [num_pages * P, K, H]
-        slots = jnp.where((slot_mapping >= 0) & (slot_mapping < num_pages * P), slot_mapping, num_pages * P)
-        flat = flat.at[slots].set(new.astype(flat.dtype), mode="drop")
-        return flat.reshape(pages.shape)
+        # Indexed by (page, offset), not a flat [num_pages * P] view: through the reshape XLA:CPU
+        # copies the whole pool each step to write one token in place. A page past the pool drops.
+        inside = (slot_mapping >= 0) & (slot_mapping < num_pages * P)
+        page = jnp.where(inside, slot_mapping // P, num_pages)
+        return pages.at[page, slot_mapping % P].set(new.astype(pages.dtype), mode="drop")
 
     return write(k_pages, k), write(v_pages, v)
 
