@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 
 
 class UsageError(Exception):
@@ -68,7 +69,35 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="attention sharding: heads, batch (KV cache split by rows) or auto (default)")
     p.add_argument("--microbatches", type=int, default=None,
                    help="with --mesh stage=N: microbatches per step in the pipeline (default N)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="persistent compilation cache: a later run with the same model, mesh and layout compiles "
+                   "nothing it compiled before (default $SHARDLM_COMPILE_CACHE, else ~/.cache/shardlm/jax; any "
+                   "path JAX's cache takes, e.g. gs://...)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, cache nothing")
     _quant_args(p)
+
+
+def _compile_cache(args) -> None:
+    """Point JAX's persistent compilation cache at --compile-cache (or its default) before anything
+    compiles; a local directory that cannot be written is refused before the model loads."""
+    if args.no_compile_cache:
+        if args.compile_cache:
+            raise UsageError("give --compile-cache DIR or --no-compile-cache, not both")
+        return
+    path = args.compile_cache or os.environ.get("SHARDLM_COMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shardlm", "jax")
+    if "://" not in path:  # a bucket is JAX's to reach; a local path is checked here
+        path = os.path.abspath(os.path.expanduser(path))
+        try:
+            os.makedirs(path, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            raise UsageError(f"--compile-cache {path} cannot be written ({e.strerror or e}); give a writable "
+                             f"directory or --no-compile-cache") from None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
 
 
 def _quant_args(p: argparse.ArgumentParser, kv_cache: bool = True) -> None:
@@ -86,6 +115,7 @@ def _load_llm(args):
     from shardlm.models import quant
 
     quant.check_mode(args.quantize), quant.check_kv_mode(args.kv_cache)  # before the (slow) load
+    _compile_cache(args)
     _status("loading model ...")
     from shardlm.sharding.mesh import parse_mesh
     from shardlm.sharding.pipeline import stages_in

@@ -120,6 +120,13 @@ def page_bytes(cfg, page_size: int, cache_dtype, mesh, rules) -> int:
     return 2 * cfg.n_layers * one * local
 
 
+def _coarse(n: int) -> int:
+    """n rounded down to its 4 leading bits (at most 1/8 less): free memory moves from run to run,
+    and a pool of the same shape lets the next run reuse the compiled steps from a compile cache."""
+    drop = max(0, n.bit_length() - 4)
+    return n >> drop << drop
+
+
 def _agree(n: int) -> int:
     """The smallest n over the processes of a multi-host job, so every process sizes its pool alike."""
     if jax.process_count() == 1:
@@ -182,7 +189,7 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
     - page_size 16 tokens;
     - num_pages: what fits in memory_fraction of the devices' memory beside the weights (default
       0.9 on GPU/TPU, whose memory the engine owns; on CPU 0.1 of the host's available memory once
-      the weights are loaded, since the host's memory is shared),
+      the weights are loaded, since the host's memory is shared), rounded down to 4 leading bits,
       capped at what max_num_seqs full sequences need when max_num_seqs is given; the same in
       every process of a multi-host job (the smallest);
     - max_num_seqs: 256, at most num_pages: the scheduler admits while the pages allow, so what
@@ -205,7 +212,7 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
     if num_pages is None:
         fraction = memory_fraction or (0.1 if cpu else 0.9)
         free = int(fraction * memory) - beside
-        num_pages = _agree(free // one_page)
+        num_pages = _agree(_coarse(free // one_page))
         if num_pages < 1:
             raise ValueError(f"no room for KV pages: the weights take {weights / 2**30:.2f} GiB, {fraction:g} of "
                              f"the devices' {memory / 2**30:.2f} GiB is {fraction * memory / 2**30:.2f} GiB; "

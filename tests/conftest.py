@@ -1,9 +1,15 @@
 """Tests run on 8 virtual CPU devices; the flag must be set before JAX starts its backend."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The commands the tests run share one compilation cache, made for the session (never ~/.cache).
+_OWN_CACHE = None if "SHARDLM_COMPILE_CACHE" in os.environ else tempfile.mkdtemp(prefix="shardlm-tests-jax-cache-")
+if _OWN_CACHE:
+    os.environ["SHARDLM_COMPILE_CACHE"] = _OWN_CACHE
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import jax  # noqa: E402
@@ -27,3 +33,8 @@ def llm():
 
 def pytest_report_header(config):
     return f"jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} devices"
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

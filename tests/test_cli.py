@@ -69,6 +69,9 @@ EARLY_ERRORS = {
     "model does not exist": (["--model", "{missing}", "hi"], ["does not exist", "no_such_model.gguf"]),
     "not a GGUF file": (["--model", "{text}", "hi"], ["not a GGUF file", "notes.gguf"]),
     "truncated GGUF": (["--model", "{truncated}", "hi"], ["truncated or corrupt", "truncated.gguf"]),
+    "compile cache under a file": (["--compile-cache", "{text}/cache", "hi"], ["--compile-cache", "cannot be written"]),
+    "compile cache and none": (["--compile-cache", "{missing}", "--no-compile-cache", "hi"],
+                               ["--no-compile-cache", "not both"]),
 }
 
 
