@@ -98,6 +98,7 @@ def _compile_cache(args) -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program, so a rerun compiles none
 
 
 def _quant_args(p: argparse.ArgumentParser, kv_cache: bool = True) -> None:

@@ -15,6 +15,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# This process too: a program compiled again after jax.clear_caches() (test_layouts frees each
+# layout's) or by an equal engine in another module is read back, not recompiled.
+jax.config.update("jax_compilation_cache_dir", os.environ["SHARDLM_COMPILE_CACHE"])
+
 from shardlm.checkpoints.loader import embedded_model_path  # noqa: E402
 
 

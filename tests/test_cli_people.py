@@ -96,21 +96,49 @@ def test_closed_stdout_and_invalid_utf8_argument_in_a_real_process(tiny):
     assert p.returncode == 2 and b"Traceback" not in p.stderr and b"not valid UTF-8" in p.stderr
 
 
-@pytest.mark.slow  # 20 processes, ~90 s on 2 cores
+@pytest.mark.slow  # 10 processes, ~45 s on 2 cores
 def test_sigint_to_generate_exits_130_every_time(tiny):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [os.path.join(os.path.dirname(sys.executable), "shardlm"), "generate", "--model", tiny,
            "--max-new-tokens", "100", "--ignore-eos", "hi"]
     codes = []
-    for i in range(20):  # interrupted at 0 .. 3.6 s after it started loading: loading, compiling, generating
+    for i in range(10):  # interrupted at 0 .. 3.6 s after it started loading: loading, compiling, generating
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         assert "loading model" in p.stderr.readline()
-        time.sleep((i % 10) * 0.4)
+        time.sleep(i * 0.4)
         p.send_signal(signal.SIGINT)
         err = p.stderr.read()
         codes.append(p.wait())
         assert "Traceback" not in err and "Exception" not in err, err[-2000:]
-    assert codes == [130] * 20
+    assert codes == [130] * 10
+
+
+COUNT_COMPILES = """import collections, json, sys, jax
+events = collections.Counter()
+jax.monitoring.register_event_listener(lambda event, **kw: events.update([event]))
+from shardlm.engine.cli import main
+rc = main(sys.argv[1:])
+print("EVENTS" + json.dumps(events), file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.slow
+def test_second_run_with_the_compile_cache_compiles_nothing(tiny, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = ["generate", "--model", tiny, "--max-new-tokens", "5", "--json", "--compile-cache", str(tmp_path / "cc"),
+            "hi", "a longer prompt"]
+    runs = [subprocess.run([sys.executable, "-c", COUNT_COMPILES, *args], capture_output=True, text=True, env=env,
+                           timeout=300) for _ in range(2)]
+    for p in runs:
+        assert p.returncode == 0, p.stderr[-2000:]
+    first, second = (json.loads(p.stderr.rsplit("EVENTS", 1)[1].splitlines()[0]) for p in runs)
+    cache = "/jax/compilation_cache/"
+    # Every program of both runs asked the cache; the first compiled them, the second read them back.
+    assert first[cache + "compile_requests_use_cache"] == first[cache + "cache_misses"] > 0, first
+    assert second[cache + "compile_requests_use_cache"] == second[cache + "cache_hits"] == first[cache + "cache_misses"]
+    assert second.get(cache + "cache_misses", 0) == 0, second
+    assert runs[0].stdout == runs[1].stdout  # the same completions from the programs read back
 
 
 @pytest.mark.slow
