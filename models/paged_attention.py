@@ -53,8 +53,8 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
             q = quant.quantize_kv(new)
             return quant.QuantizedKV(write(pages.values, q.values), write(pages.scale, q.scale))
         num_pages, P = pages.shape[:2]
-        # Indexed by (page, offset), not a flat [num_pages * P] view: through the reshape XLA:CPU
-        # copies the whole pool each step to write one token in place. A page past the pool drops.
+        # Indexed by (page, offset): a write through a flat [num_pages * P] view made XLA:CPU copy
+        # the whole pool every step. A page past the pool (padding) writes nothing.
         inside = (slot_mapping >= 0) & (slot_mapping < num_pages * P)
         page = jnp.where(inside, slot_mapping // P, num_pages)
         return pages.at[page, slot_mapping % P].set(new.astype(pages.dtype), mode="drop")
