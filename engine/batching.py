@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from shardlm.engine.job_control import DRAIN, STOP
 from shardlm.engine.sampling import SamplingParams
 
 
@@ -63,10 +64,14 @@ def to_host(x) -> np.ndarray:
 
 
 def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result], None] | None = None,
-        on_step: Callable[[int], None] | None = None, on_token: Callable[[Result], None] | None = None) -> list[Result]:
+        on_step: Callable[[int], None] | None = None, on_token: Callable[[Result], None] | None = None,
+        control=None) -> list[Result]:
     """Generate for every request; results in request order. `on_result` sees each as it finishes,
     `on_step(n_tokens)` each decode step, `on_token(result)` each request after each token it takes
-    (streaming; a stop token is not added, so the last call may see no new token)."""
+    (streaming; a stop token is not added, so the last call may see no new token). `control`
+    (engine/job_control.py) may drain (no more admissions; the slots run to their end) or stop the
+    loop: requests it leaves unfinished have finish_reason None."""
+
     requests = list(requests)
     results = [Result(r.key, list(r.prompt_ids)) for r in requests]
     queue = collections.deque(sorted(range(len(requests)), key=lambda i: engine.bucket(len(requests[i].prompt_ids))))
@@ -83,7 +88,16 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
         if on_result is not None:
             on_result(results[i])
 
+    last = ()  # the previous step's slots and tokens, for the control's lockstep digest
     while queue or any(s is not None for s in slots):
+        if control is not None:
+            decision = control.step(*last)
+            if decision == STOP:
+                break
+            if decision == DRAIN:
+                queue.clear()
+                if all(s is None for s in slots):
+                    break
         for slot in range(engine.batch_size):
             while slots[slot] is None and queue:
                 i = queue.popleft()
@@ -98,6 +112,7 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
             continue
         state, tokens = engine.generate(params, state)
         tokens = to_host(tokens)
+        last = ([-1 if i is None else i for i in slots], tokens)
         n_active = 0
         for slot, i in enumerate(slots):
             if i is None:

@@ -293,14 +293,48 @@ def cmd_chat(args) -> int:
     return 2 if failed else 0
 
 
+EX_TEMPFAIL = 75  # a drained job: "try again" to a supervisor, not a failure
+
+
 def cmd_run(args) -> int:
+    import jax
+
+    from shardlm.engine.job_control import JobControl, LockstepError, install_signal_handlers
+
+    # A signal from here on drains the job (none has started yet: then every line stays pending).
+    control = JobControl(args.drain_timeout, args.lockstep_every)
+    restore = install_signal_handlers(control)
+    compile_s = [0.0]  # compiling, or loading compiled programs from the cache, for --summary
+
+    def count_compile(event, secs, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compile_s[0] += secs
+
+    jax.monitoring.register_event_duration_secs_listener(count_compile)
+    try:
+        return _run_job(args, control, compile_s)
+    except LockstepError as e:  # every process raises it at the same step
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count_compile)
+        restore()
+
+
+def _run_job(args, control, compile_s) -> int:
     from shardlm.engine import jobs
 
+    if args.summary is not None:
+        jobs.check_summary_path(args.summary)
     # Before anything touches a device: every process of the job joins here.
     jobs.init_distributed(args.coordinator, args.num_processes, args.process_id,
                           heartbeat_timeout=args.heartbeat_timeout)
     import jax
 
+    from shardlm.engine.job_control import install_signal_handlers
+
+    if jax.process_count() > 1:  # jax.distributed put its own SIGTERM handler in place of ours
+        install_signal_handlers(control)
     sampling = _sampling(args)
     jobs.read_lines(args.input)  # a missing input or a bad output fails before the model loads
     if jax.process_index() == 0:  # only process 0 sees the output
@@ -311,9 +345,19 @@ def cmd_run(args) -> int:
     llm = _load_llm(args)
     if jax.process_index() == 0:
         _status(f"process 0 of {jax.process_count()}: {args.input} -> {args.output}")
-    summary = jobs.run_job(llm, args.input, args.output, sampling, chat=args.chat)
+    summary = jobs.run_job(llm, args.input, args.output, sampling, chat=args.chat, control=control)
     if jax.process_index() == 0:
         _status(jobs.format_summary(summary))
+        if args.summary is not None:
+            jobs.write_summary(args.summary, jobs.summary_record(summary, input_path=args.input, output_path=args.output,
+                                                                 compile_s=compile_s[0], previous=args.summary))
+    if summary["preempted"]:
+        if jax.process_index() == 0:
+            print(f"preempted at step {control.steps}: {summary['prompts']} done, {summary['pending']} pending; run "
+                  f"the same command again to resume (exit {EX_TEMPFAIL})", file=sys.stderr)
+        else:
+            print(f"process {jax.process_index()}: preempted at step {control.steps}", file=sys.stderr)
+        return EX_TEMPFAIL
     return 0
 
 
@@ -636,6 +680,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--process-id", type=int, default=None, help="this process, 0 .. N-1")
     r.add_argument("--heartbeat-timeout", type=int, default=100,
                    help="seconds after which a silent process counts as lost and the job stops (default 100)")
+    r.add_argument("--drain-timeout", type=float, default=20.0,
+                   help="on SIGTERM/SIGINT, seconds running sequences may take to finish before the job stops "
+                        f"(default 20); a drained job exits {EX_TEMPFAIL}, to be rerun")
+    r.add_argument("--summary", default=None, metavar="FILE",
+                   help="write a JSON summary of the run here at the end (or at a drain)")
+    r.add_argument("--lockstep-every", type=int, default=1, metavar="N",
+                   help="processes of a multi-host job compare digests of their steps every N steps (default 1: "
+                        "they exchange flags every step anyway; a finished record is written once checked; 0: never)")
     r.set_defaults(func=cmd_run)
 
     la = sub.add_parser("launch", help="start N local processes of a multi-host command (development, tests)")

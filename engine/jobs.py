@@ -348,8 +348,10 @@ def _lines_done(parsed: list[Line], output_path: str, input_path: str, n_lines: 
 # ----- the job -----
 
 def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = SamplingParams(), *,
-            chat: bool = False, progress: bool = True) -> dict:
-    """Run every pending line of `input_path`, appending records to `output_path`; returns a summary.
+            chat: bool = False, progress: bool = True, control=None) -> dict:
+    """Run every pending line of `input_path`, appending records to `output_path`; returns a summary
+    (`summary_record` lists its fields). `control`, a job_control.JobControl, may drain the job (a
+    signal): then the lines it did not finish stay pending, counted in the summary, for a rerun.
 
     Call it on every process of a multi-host job with the same arguments.
     """
@@ -375,7 +377,11 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
     def on_result(line: Line, completion) -> None:
         stats["prompt_tokens"] += len(completion.prompt_token_ids)
         if out is not None:
-            out.write({"id": line.id, **completion_record(completion)})
+            record = {"id": line.id, **completion_record(completion)}
+            if control is None:
+                out.write(record)
+            else:  # written once the processes' steps are known to agree (at once in one process)
+                control.hold(lambda: out.write(record))
         if bar is not None:
             bar.update(1)
 
@@ -383,18 +389,23 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
         if out is not None:
             for line in bad:
                 out.write({"id": line.id, "line": line.number, "error": line.error})
-        completions = llm.run(requests, on_result=on_result, on_step=on_step) if requests else []
+        completions = llm.run(requests, on_result=on_result, on_step=on_step, control=control) if requests else []
+        if control is not None:
+            control.finish()
     finally:
         if bar is not None:
             bar.close()
         if out is not None:
             out.close()
     wall = time.perf_counter() - t0
-    completion_tokens = sum(len(c.token_ids) for c in completions)
-    return {"prompts": len(completions), "errors": len(bad), "skipped": int(done.sum()),
+    finished = [c for c in completions if c.finish_reason is not None]
+    completion_tokens = sum(len(c.token_ids) for c in finished)
+    pending = len(completions) - len(finished)
+    return {"prompts": len(finished), "errors": len(bad), "pending": pending, "skipped": int(done.sum()),
             "prompt_tokens": stats["prompt_tokens"], "completion_tokens": completion_tokens, "wall_s": wall,
-            "completions_per_s": len(completions) / wall if wall > 0 else 0.0,
-            "tokens_per_s": completion_tokens / wall if wall > 0 else 0.0}
+            "completions_per_s": len(finished) / wall if wall > 0 else 0.0,
+            "tokens_per_s": completion_tokens / wall if wall > 0 else 0.0,
+            "preempted": bool(pending and control is not None and control.drained)}
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -439,7 +450,51 @@ class _ProgressLines:
         self.thread.join()
 
 
+def check_summary_path(path: str) -> None:
+    """--summary: a file that can be created or replaced (it is written whole at the end)."""
+    out = os.path.abspath(path)
+    if os.path.isdir(out):
+        raise ValueError(f"--summary {path!r} is a folder; give the path of a JSON file")
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder):
+        raise ValueError(f"--summary {path!r}: its folder does not exist")
+    if not can_create_files_in(folder):
+        raise ValueError(f"--summary {path!r}: its folder {folder} is not writable")
+
+
+def summary_record(s: dict, *, input_path: str, output_path: str, compile_s: float, previous: str | None = None) -> dict:
+    """The --summary JSON of a run_job summary: what is done, errored and pending, tokens, time,
+    throughput, compile time, and the preemptions of this job so far (counted across reruns that
+    write the same summary file for the same output)."""
+    preemptions = int(s["preempted"])
+    if previous and os.path.isfile(previous):
+        try:
+            with open(previous) as f:
+                old = json.load(f)
+            if isinstance(old, dict) and old.get("output") == os.path.abspath(output_path):
+                preemptions += int(old.get("preemptions", 0))
+        except (OSError, ValueError, TypeError):
+            pass  # not a summary of ours: replaced
+    return {"input": os.path.abspath(input_path), "output": os.path.abspath(output_path),
+            "done": s["prompts"], "errors": s["errors"], "pending": s["pending"], "skipped": s["skipped"],
+            "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
+            "wall_s": round(s["wall_s"], 3), "completions_per_s": round(s["completions_per_s"], 3),
+            "tokens_per_s": round(s["tokens_per_s"], 2), "compile_s": round(compile_s, 3),
+            "prefix_cache_hit_rate": None,  # no prefix cache in this engine: nothing to report
+            "preempted": s["preempted"], "preemptions": preemptions}
+
+
+def write_summary(path: str, record: dict) -> None:
+    """Written whole: a temporary file beside it, then renamed over it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def format_summary(s: dict) -> str:
-    return (f"{s['prompts']} prompts done, {s['errors']} error records, {s['skipped']} already done; "
+    pending = f", {s['pending']} pending" if s.get("pending") else ""
+    return (f"{s['prompts']} prompts done, {s['errors']} error records{pending}, {s['skipped']} already done; "
             f"{s['prompt_tokens']} prompt and {s['completion_tokens']} generated tokens in {s['wall_s']:.1f} s: "
             f"{s['completions_per_s']:.2f} completions/s, {s['tokens_per_s']:.1f} generated tokens/s")

@@ -3,7 +3,10 @@
 Each process gets K virtual CPU devices and joins the others through jax.distributed on a free
 loopback port, exactly as the hosts of a slice would. Their output is forwarded line by line
 with a `[i]` prefix. When one process dies the others are stopped at once (a job cannot go on
-without it) and the launcher exits non-zero naming the lost process.
+without it) and the launcher exits non-zero naming the lost process. A SIGTERM or SIGINT to the
+launcher is passed on to every process (a job drains, engine/job_control.py); a process that
+exits 75 (drained: rerun it) is waited for with the others, which stop at the same step, and the
+launcher then exits 75 too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 
 DISTRIBUTED_COMMANDS = ("run",)  # shardlm subcommands that take --coordinator/--num-processes/--process-id
 STOP_GRACE_S = 5.0
+EX_TEMPFAIL = 75  # a drained process: every process of the job drains at the same step
 
 
 def free_port() -> int:
@@ -75,8 +79,9 @@ def launch(num_processes: int, devices_per_process: int, command: list[str]) -> 
         for i in range(num_processes):
             argv = [sys.executable, "-m", "shardlm.engine.cli", *command, "--coordinator", coordinator,
                     "--num-processes", str(num_processes), "--process-id", str(i)]
+            # A session of its own: a terminal's Ctrl-C reaches the launcher only, which passes it on once.
             p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, errors="replace")
+                                 stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
             procs.append(p)
             print(f"launch: process {i} pid {p.pid}", file=sys.stderr, flush=True)
             for stream, dest in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
@@ -88,15 +93,25 @@ def launch(num_processes: int, devices_per_process: int, command: list[str]) -> 
         ended = queue.SimpleQueue()
         for i, p in enumerate(procs):
             threading.Thread(target=lambda i=i, p=p: (p.wait(), ended.put(i)), daemon=True).start()
+        def forward(signum, frame):
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signum)
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, forward)
+        drained = False
         for _ in procs:
             i = ended.get()
             code = procs[i].returncode
-            if code != 0:
+            if code == EX_TEMPFAIL:
+                drained = True
+            elif code != 0:
                 running = sum(p.returncode is None for p in procs)
                 print(f"launch: process {i} (pid {procs[i].pid}) {_how_it_ended(code)}; "
                       f"stopping the other {running} process(es)", file=sys.stderr, flush=True)
                 return code if code > 0 else 1
-        return 0
+        return EX_TEMPFAIL if drained else 0
     finally:
         _stop(procs)
         for t in threads:

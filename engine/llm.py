@@ -176,6 +176,22 @@ class LLM:
             pool.update(page_size=self.engine.page_size, max_num_batched_tokens=self.engine.max_num_batched_tokens)
         return self._build(loaded, placement, max_seq_len or self.engine.max_seq_len, self.engine.cache_dtype, pool)
 
+    def first_layers(self, n: int) -> "LLM":
+        """The same model cut to its first n layers, on one device (`relayout` moves it): its
+        weights, tokenizer and shapes, for a quick look at layouts and compiled programs (a 30-layer
+        program takes ~7x as long to compile as a 4-layer one). Its outputs are not the model's."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.config.n_layers:
+            raise ValueError(f"layers must be an integer in [1, {self.config.n_layers}], got {n!r}")
+        model = self.engine.model()
+        cfg = dataclasses.replace(self.config, n_layers=n)
+        model.cfg, model.layers = cfg, type(model.layers)(list(model.layers)[:n])
+        loaded = loader.LoadedModel(config=cfg, model=model, tokenizer=self.tokenizer, source=self.source)
+        pool = {"max_num_seqs": self.engine.batch_size}
+        if self.paged:
+            pool.update(page_size=self.engine.page_size, max_num_batched_tokens=self.engine.max_num_batched_tokens)
+        return self._build(loaded, Placement.make(cfg, batch_size=self.engine.batch_size), self.engine.max_seq_len,
+                           self.engine.cache_dtype, pool)
+
     @property
     def layouts(self) -> tuple[str, str]:
         return self.placement.prefill_layout, self.placement.decode_layout
@@ -229,11 +245,12 @@ class LLM:
 
     def run(self, requests: Sequence[batching.Request], *, on_result: Callable[[object, Completion], None] | None = None,
             on_step: Callable[[int], None] | None = None,
-            on_token: Callable[[object, list[int]], None] | None = None) -> list[Completion]:
+            on_token: Callable[[object, list[int]], None] | None = None, control=None) -> list[Completion]:
         """Complete requests (from `request`) through continuous batching; Completions in request
         order. `on_result(key, completion)` sees each as it finishes, `on_step(n)` each step that
         makes tokens (n of them), `on_token(key, token_ids)` a request's generated ids so far after
-        each token (streaming)."""
+        each token (streaming). `control`, a job_control.JobControl, may drain or stop the run
+        (jobs): the requests it leaves unfinished come back with finish_reason None."""
         def finished(result: batching.Result) -> None:
             if on_result is not None:
                 on_result(result.key, self._completion(result))
@@ -241,7 +258,7 @@ class LLM:
         streamed = None if on_token is None else (lambda result: on_token(result.key, result.token_ids))
         if not self.paged:
             results = batching.run(self.engine, self.params, requests, on_result=finished, on_step=on_step,
-                                   on_token=streamed)
+                                   on_token=streamed, control=control)
             return [self._completion(r) for r in results]
 
         def stepped(batch, _sched) -> None:
@@ -253,7 +270,7 @@ class LLM:
         for r in requests:  # page arithmetic only: a hand-made Request that cannot fit fails before any work
             self.engine.check_fits(len(r.prompt_ids), r.sampling.max_new_tokens)
         results = scheduler.run(self.engine, self.params, requests, on_result=finished, on_step=stepped,
-                                on_token=streamed)
+                                on_token=streamed, control=control)
         return [self._completion(r) for r in results]
 
     def _completion(self, r: batching.Result) -> Completion:

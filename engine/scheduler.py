@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from shardlm.engine.batching import Request, Result, accept, to_host
+from shardlm.engine.job_control import DRAIN, STOP
 from shardlm.engine.kv_pages import PagePool
 from shardlm.engine.sampling import SamplingParams
 
@@ -111,6 +112,14 @@ class Scheduler:
             self.reserved += seq.reserved
             self.running.append(seq)
 
+    def drain(self) -> None:
+        """Admit nothing more: the waiting requests, and admitted ones whose prefill has not begun,
+        stay unfinished (finish_reason None); sequences already started run on."""
+        self.waiting.clear()
+        for s in [s for s in self.running if s.done == 0 and s.token is None]:
+            self.running.remove(s)
+            self.reserved -= s.reserved
+
     def schedule(self) -> PrefillBatch | DecodeBatch | None:
         """The next step (its pages allocated), or None when every request is done."""
         self._admit()
@@ -164,11 +173,13 @@ class Scheduler:
 
 def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result], None] | None = None,
         on_step: Callable[[PrefillBatch | DecodeBatch, Scheduler], None] | None = None,
-        on_token: Callable[[Result], None] | None = None) -> list[Result]:
+        on_token: Callable[[Result], None] | None = None, control=None) -> list[Result]:
     """Generate for every request; results in request order (a request that can never fit the pool
     has finish_reason "error" and its message in `error`). `on_result` sees each as it finishes,
     `on_step(batch, scheduler)` each step after its tokens are taken, `on_token(result)` each
-    request after each token it takes (streaming; a stop token is not added)."""
+    request after each token it takes (streaming; a stop token is not added). `control`
+    (engine/job_control.py) may drain or stop the loop: requests it leaves unfinished have
+    finish_reason None."""
     requests = list(requests)
     sched = Scheduler(num_pages=engine.num_pages, page_size=engine.page_size, max_num_seqs=engine.max_num_seqs,
                       max_num_batched_tokens=engine.max_num_batched_tokens, max_seq_len=engine.max_seq_len,
@@ -179,10 +190,21 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
         result = sched.add(req)
         if result.finish_reason == "error" and on_result is not None:
             on_result(result)
-    while (batch := sched.schedule()) is not None:
+    last = ()  # the previous step's rows and tokens, for the control's lockstep digest
+    while True:
+        if control is not None:
+            decision = control.step(*last)
+            if decision == STOP:
+                break
+            if decision == DRAIN:
+                sched.drain()
+        if (batch := sched.schedule()) is None:
+            break
         step = engine.prefill if isinstance(batch, PrefillBatch) else engine.decode
         tokens = to_host(step(params, batch, sched.pool)[0])
         finished = sched.update(batch, tokens)
+        rows = batch.seq_ids if isinstance(batch, DecodeBatch) else [c.seq_id for c in batch.chunks]
+        last = (rows, tokens[:len(rows)])
         if on_token is not None:
             sampled = batch.seq_ids if isinstance(batch, DecodeBatch) else [c.seq_id for c in batch.chunks if c.last]
             for seq_id in sampled:

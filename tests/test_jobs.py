@@ -247,6 +247,8 @@ def test_output_that_is_not_a_job_file_is_refused(one_device, job, tmp_path):
     (["launch", "--num-processes", "2", "--", "generate", "hi"], "launch runs a multi-host shardlm command"),
     (["launch", "--num-processes", "0", "--", "run"], "--num-processes must be >= 1"),
     (["launch", "--num-processes", "2", "--", "run", "--process-id", "1"], "sets --process-id itself"),
+    (["run", "--input", "x", "--output", "y", "--drain-timeout", "-1"], "drain timeout must be"),
+    (["run", "--input", "x", "--output", "y", "--summary", "/nonexistent/s.json"], "folder does not exist"),
 ])
 def test_usage_errors(argv, fragment, capsys):
     assert main(argv) == 2
@@ -393,3 +395,154 @@ def test_poisoned_lines_are_their_own_error_records_and_the_rerun_completes(one_
     before = out.read_bytes()
     summary = jobs.run_job(llm, str(job), str(out), DEFAULTS, progress=False)  # its own output is accepted
     assert summary["prompts"] == 0 and summary["skipped"] == len(lines) and out.read_bytes() == before
+
+
+# ----- preemption: SIGTERM drains, exit 75, a rerun completes; lockstep divergence -----
+
+LONG_PROMPTS = 150
+
+
+@pytest.fixture(scope="module")
+def long_job(tmp_path_factory):
+    """150 prompts of 16 new tokens: seconds of work at 4 sequences, time to signal it mid-run."""
+    path = tmp_path_factory.mktemp("long") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(4 + i % 9)),
+                                        "ignore_eos": True}) + "\n" for i in range(LONG_PROMPTS)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def long_reference(one_device, long_job, tmp_path_factory):
+    llm, _ = one_device
+    output = tmp_path_factory.mktemp("long_ref") / "out.jsonl"
+    jobs.run_job(llm, long_job, str(output), SamplingParams(max_new_tokens=16), progress=False)
+    return read_records(output)
+
+
+def _wait_for_records(output, n, proc, stderr, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not (output.exists() and output.read_bytes().count(b"\n") >= n):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(stderr)[-3000:]
+        time.sleep(0.01)
+
+
+def _popen(argv, env):
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+    return proc, stderr
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_job_exits_75_and_the_rerun_completes(tiny, long_job, long_reference, launcher_env,
+                                                                  tmp_path):
+    output, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    argv = [sys.executable, "-m", "shardlm.engine.cli", "run", "--model", tiny, "--input", long_job, "--output",
+            str(output), "--max-new-tokens", "16", "--max-seq-len", str(MAX_SEQ_LEN), "--batch-size", str(SLOTS),
+            "--summary", str(summary), "--drain-timeout", "30"]
+    proc, stderr = _popen(argv, launcher_env)
+    try:
+        _wait_for_records(output, 3, proc, stderr)
+        at_signal = output.read_bytes().count(b"\n")
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        rc = proc.wait(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.2)  # the reader thread takes the last lines
+    text = "".join(stderr)
+    assert rc == 75, text[-3000:]
+    assert took < 30, f"the drain took {took:.1f} s, more than --drain-timeout"
+    last = text.strip().splitlines()[-1]
+    m = re.fullmatch(r"preempted at step \d+: (\d+) done, (\d+) pending; run the same command again to resume "
+                     r"\(exit 75\)", last)
+    assert m, text[-2000:]
+    partial = read_records(output)  # whole lines only
+    done, pending = int(m[1]), int(m[2])
+    assert len(partial) == done and done + pending == LONG_PROMPTS and pending > 0
+    assert len(partial) > at_signal, "the sequences running at the signal were not finished"
+    assert all(long_reference[k] == r for k, r in partial.items()), "a drained record differs from an uninterrupted run"
+    record = json.loads(summary.read_text())
+    assert (record["done"], record["pending"], record["preempted"], record["preemptions"]) == (done, pending, True, 1)
+    assert record["completion_tokens"] == 16 * done and record["compile_s"] >= 0
+
+    rerun = subprocess.run(argv, env=launcher_env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_records(output) == long_reference
+    record = json.loads(summary.read_text())
+    assert (record["done"], record["skipped"], record["pending"], record["preempted"], record["preemptions"]) == \
+        (pending, done, 0, False, 1)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_drains_both_at_one_step(tiny, job, one_device, launcher_env, tmp_path):
+    """2 processes of 1 device each (mesh x=2): cheaper steps, the same drain logic as any mesh."""
+    output = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "shardlm.engine.cli", "launch", "--num-processes", "2", "--", "run", "--model", tiny,
+            "--input", job, "--output", str(output), "--max-new-tokens", "8", "--max-seq-len", str(MAX_SEQ_LEN),
+            "--batch-size", str(SLOTS), "--mesh", "x=2"]
+    launcher, stderr = _popen(argv, launcher_env)
+    try:
+        _wait_for_records(output, BAD_LINES + 1, launcher, stderr)
+        pid = int(re.search(r"launch: process 1 pid (\d+)", "".join(stderr)).group(1))
+        os.kill(pid, signal.SIGTERM)  # not the writer: the drain must reach process 0 through the step's flags
+        rc = launcher.wait(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    time.sleep(0.2)
+    text = "".join(stderr)
+    assert rc == 75, text[-3000:]
+    steps = {int(m[1]): int(m[2]) for m in re.finditer(r"^\[(\d)\] (?:process \d: )?preempted at step (\d+)", text, re.M)}
+    assert set(steps) == {0, 1} and steps[0] == steps[1], text[-3000:]
+    partial = read_records(output)
+    _, reference = one_device
+    assert BAD_LINES + 1 <= len(partial) < N_PROMPTS + BAD_LINES, "the signal came after the job ended"
+    assert all(reference[k] == r for k, r in partial.items())
+    rerun = subprocess.run(argv, env=launcher_env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert read_records(output) == reference
+
+
+# Process 1 of the job takes a different token at its third step, as a bit flip or a nondeterministic
+# kernel would make it; the schedule (ignore_eos, fixed lengths) stays the same, so no collective hangs.
+PERTURBED_WORKER = """
+import sys
+import numpy as np
+from shardlm.engine import cli, scheduler
+
+if sys.argv[-1] == "1":
+    calls, real = [0], scheduler.to_host
+    def to_host(x):
+        calls[0] += 1
+        out = np.array(real(x))
+        if calls[0] == 3:
+            out[0] += 1
+        return out
+    scheduler.to_host = to_host
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_lockstep_divergence_stops_the_job_naming_the_step(tiny, job, launcher_env, tmp_path):
+    output = tmp_path / "out.jsonl"
+    env = dict(launcher_env, **{k: v for k, v in launch.process_env(4).items() if k in ("XLA_FLAGS", "JAX_PLATFORMS")})
+    argv = launch_argv(tiny, job, output)
+    run_args = argv[argv.index("run"):] + ["--ignore-eos", "--lockstep-every", "4", "--coordinator",
+                                          f"127.0.0.1:{launch.free_port()}", "--num-processes", "2"]
+    procs = [subprocess.Popen([sys.executable, "-c", PERTURBED_WORKER, *run_args, "--process-id", str(i)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, err in zip(procs, errs):
+        assert p.returncode == 1, err[-3000:]
+        assert "error: processes [1] ran different steps than process 0 by step 4" in err, err[-3000:]
+    written = read_records(output)
+    assert written and all(k[0] == "error" for k in written), "a result computed after the divergence was written"

@@ -1,7 +1,6 @@
 """Pope et al.'s layouts on 8 virtual CPU devices: same tokens as one device, the shardings and
 per-device memory each layout implies, and the collectives of the paper in the compiled program."""
 
-import dataclasses
 import gc
 
 import jax
@@ -10,8 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from shardlm.checkpoints import loader
-from shardlm.engine import LLM, Engine, SamplingParams, batching
+from shardlm.engine import Engine, SamplingParams, batching
 from shardlm.engine.llm import Placement
 from shardlm.models.config import ModelConfig
 from shardlm.models.llama import Llama
@@ -45,11 +43,7 @@ def base(llm):
     """SmolLM2 cut to its first 4 layers: its weights, tokenizer and shapes (9 query heads, 3 kv
     heads, a 49152-token vocabulary), every layer placed as the others are; a 30-layer program takes
     7x as long to compile and run here and shows no layout anything the 4 do not."""
-    model = llm.engine.model()
-    cfg = dataclasses.replace(llm.config, n_layers=SMOLLM2_LAYERS)
-    model.cfg, model.layers = cfg, nnx.List(list(model.layers)[:SMOLLM2_LAYERS])
-    loaded = loader.LoadedModel(config=cfg, model=model, tokenizer=llm.tokenizer, source=llm.source)
-    return LLM._build(loaded, Placement.make(cfg, batch_size=8), 128, None, {"max_num_seqs": 8})
+    return llm.relayout(batch_size=8, max_seq_len=128).first_layers(SMOLLM2_LAYERS)
 
 
 @pytest.fixture(scope="module")
