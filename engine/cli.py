@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 
 
 class UsageError(Exception):
@@ -323,7 +324,12 @@ def cmd_run(args) -> int:
 
 def _run_job(args, control, compile_s) -> int:
     from shardlm.engine import jobs
+    from shardlm.sharding.mesh import parse_mesh
+    from shardlm.sharding.pipeline import stages_in
 
+    if args.precompile and stages_in(parse_mesh(args.mesh) if args.mesh else None) > 1:
+        raise UsageError("--precompile is for the paged engine; pipeline stages (a stage axis in --mesh) "
+                         "compile each prompt bucket at its first use")
     if args.summary is not None:
         jobs.check_summary_path(args.summary)
     # Before anything touches a device: every process of the job joins here.
@@ -343,6 +349,8 @@ def _run_job(args, control, compile_s) -> int:
         raise ValueError(f"a job of {jax.process_count()} processes needs --mesh over all {jax.device_count()} "
                          f"devices, e.g. --mesh x={jax.device_count()}")
     llm = _load_llm(args)
+    if args.precompile:
+        _precompile(llm.engine, show=jax.process_index() == 0)
     if jax.process_index() == 0:
         _status(f"process 0 of {jax.process_count()}: {args.input} -> {args.output}")
     summary = jobs.run_job(llm, args.input, args.output, sampling, chat=args.chat, control=control)
@@ -359,6 +367,26 @@ def _run_job(args, control, compile_s) -> int:
             print(f"process {jax.process_index()}: preempted at step {control.steps}", file=sys.stderr)
         return EX_TEMPFAIL
     return 0
+
+
+def _precompile(engine, show: bool) -> None:
+    """Every step program of the engine compiled before the first step (a bar on a terminal, else
+    a line per program)."""
+    from tqdm import tqdm
+
+    programs = engine.programs()
+    t0 = time.perf_counter()
+    with tqdm(total=len(programs), desc="precompiling", unit=" programs", file=sys.stderr, leave=False,
+              disable=True if (_QUIET or not show) else None) as bar:
+        def done(phase, bucket, secs):
+            bar.update(1)
+            if show and not sys.stderr.isatty():
+                what = f"{bucket} tokens" if phase == "prefill" else f"batch {bucket}"
+                _status(f"precompiled {bar.n}/{len(programs)}: {phase} {what} in {secs:.1f} s")
+
+        engine.precompile(done)
+    if show:
+        _status(f"precompiled {len(programs)} programs in {time.perf_counter() - t0:.1f} s")
 
 
 def cmd_launch(args) -> int:
@@ -683,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--drain-timeout", type=float, default=20.0,
                    help="on SIGTERM/SIGINT, seconds running sequences may take to finish before the job stops "
                         f"(default 20); a drained job exits {EX_TEMPFAIL}, to be rerun")
+    r.add_argument("--precompile", action="store_true",
+                   help="compile every prefill and decode bucket before the first step, so no step stops to compile")
     r.add_argument("--summary", default=None, metavar="FILE",
                    help="write a JSON summary of the run here at the end (or at a drain)")
     r.add_argument("--lockstep-every", type=int, default=1, metavar="N",

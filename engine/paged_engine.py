@@ -28,6 +28,7 @@ device's memory, so the defaults are the fast path; `PoolPlan.describe` says wha
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import jax
@@ -398,25 +399,43 @@ class PagedEngine:
         fresh dense cache of T slots (in the pool's dtype), under the prefill rules."""
         return forward_step(self.prefill_spec, params, np.asarray(tokens, np.int32))
 
-    def compiled_text(self, phase: str = "decode", bucket: int | None = None) -> str:
-        """The optimized HLO of one step: "decode" (at batch bucket `bucket`, default max_num_seqs)
-        or "prefill" (at token bucket `bucket`, default the smallest)."""
+    def _lowered(self, phase: str, bucket: int | None = None):
+        """One step lowered for its bucket: "decode" at batch bucket `bucket` (default max_num_seqs)
+        or "prefill" at token bucket `bucket` (default the smallest), on padding-only inputs."""
         if phase == "decode":
             B = bucket or self.max_num_seqs
             meta = PageMeta(np.full(B, -1, np.int32), np.zeros((B, self.max_pages), np.int32), np.zeros(B, np.int32))
-            lowered = paged_decode_step.lower(self.decode_spec, self.params, self.k, self.v, np.zeros(B, np.int32),
-                                              np.zeros(B, np.int32), meta, *_sampling([], B))
-        elif phase == "prefill":
+            return paged_decode_step.lower(self.decode_spec, self.params, self.k, self.v, np.zeros(B, np.int32),
+                                           np.zeros(B, np.int32), meta, *_sampling([], B))
+        if phase == "prefill":
             T = bucket or self.token_buckets[0]
             Bp = self.prefill_rows(T)
             meta = PageMeta(np.full(T, -1, np.int32), np.zeros((Bp, self.max_pages), np.int32), np.zeros(Bp, np.int32),
                             np.full(T // self.query_block, -1, np.int32), np.full(T, -1, np.int32))
-            lowered = paged_prefill_step.lower(self.prefill_spec, self.params, self.k, self.v, np.zeros((1, T), np.int32),
-                                               np.zeros((1, T), np.int32), meta, np.zeros(Bp, np.int32),
-                                               *_sampling([], Bp))
-        else:
-            raise ValueError(f"phase must be decode or prefill, got {phase!r}")
-        return lowered.compile().as_text()
+            return paged_prefill_step.lower(self.prefill_spec, self.params, self.k, self.v, np.zeros((1, T), np.int32),
+                                            np.zeros((1, T), np.int32), meta, np.zeros(Bp, np.int32),
+                                            *_sampling([], Bp))
+        raise ValueError(f"phase must be decode or prefill, got {phase!r}")
+
+    def compiled_text(self, phase: str = "decode", bucket: int | None = None) -> str:
+        """The optimized HLO of one step: "decode" (at batch bucket `bucket`, default max_num_seqs)
+        or "prefill" (at token bucket `bucket`, default the smallest). The engine's own calls reuse
+        the compiled step."""
+        return self._lowered(phase, bucket).compile().as_text()
+
+    def programs(self) -> list[tuple[str, int]]:
+        """Every step program this engine can run: (phase, bucket) for each token and batch bucket."""
+        return [("prefill", T) for T in self.token_buckets] + [("decode", B) for B in self.batch_buckets]
+
+    def precompile(self, on_program=None) -> None:
+        """Compile every program (`programs`) now, so no step of a run stops to compile; the run's
+        calls reuse them (a compilation cache, when set, serves them too). `on_program(phase,
+        bucket, seconds)` after each."""
+        for phase, bucket in self.programs():
+            t0 = time.perf_counter()
+            self._lowered(phase, bucket).compile()
+            if on_program is not None:
+                on_program(phase, bucket, time.perf_counter() - t0)
 
     def pool_bytes(self) -> int:
         """Bytes of every layer's k and v pools (all devices)."""

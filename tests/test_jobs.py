@@ -248,6 +248,7 @@ def test_output_that_is_not_a_job_file_is_refused(one_device, job, tmp_path):
     (["launch", "--num-processes", "0", "--", "run"], "--num-processes must be >= 1"),
     (["launch", "--num-processes", "2", "--", "run", "--process-id", "1"], "sets --process-id itself"),
     (["run", "--input", "x", "--output", "y", "--drain-timeout", "-1"], "drain timeout must be"),
+    (["run", "--input", "x", "--output", "y", "--precompile", "--mesh", "stage=2"], "--precompile is for the paged"),
     (["run", "--input", "x", "--output", "y", "--summary", "/nonexistent/s.json"], "folder does not exist"),
 ])
 def test_usage_errors(argv, fragment, capsys):
@@ -439,7 +440,7 @@ def test_sigterm_drains_the_job_exits_75_and_the_rerun_completes(tiny, long_job,
     output, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
     argv = [sys.executable, "-m", "shardlm.engine.cli", "run", "--model", tiny, "--input", long_job, "--output",
             str(output), "--max-new-tokens", "16", "--max-seq-len", str(MAX_SEQ_LEN), "--batch-size", str(SLOTS),
-            "--summary", str(summary), "--drain-timeout", "30"]
+            "--summary", str(summary), "--drain-timeout", "30", "--precompile"]
     proc, stderr = _popen(argv, launcher_env)
     try:
         _wait_for_records(output, 3, proc, stderr)
@@ -454,6 +455,7 @@ def test_sigterm_drains_the_job_exits_75_and_the_rerun_completes(tiny, long_job,
     time.sleep(0.2)  # the reader thread takes the last lines
     text = "".join(stderr)
     assert rc == 75, text[-3000:]
+    assert re.search(r"^precompiled 8 programs in", text, re.M), text[-3000:]  # 5 token and 3 batch buckets
     assert took < 30, f"the drain took {took:.1f} s, more than --drain-timeout"
     last = text.strip().splitlines()[-1]
     m = re.fullmatch(r"preempted at step \d+: (\d+) done, (\d+) pending; run the same command again to resume "
@@ -546,3 +548,26 @@ def test_lockstep_divergence_stops_the_job_naming_the_step(tiny, job, launcher_e
         assert "error: processes [1] ran different steps than process 0 by step 4" in err, err[-3000:]
     written = read_records(output)
     assert written and all(k[0] == "error" for k in written), "a result computed after the divergence was written"
+
+
+@pytest.mark.slow
+def test_precompile_compiles_every_program_and_the_job_none(tiny, job, one_device, tmp_path):
+    """After `precompile` no step of the job compiles (its own engine shape, so nothing earlier in this
+    process compiled its programs); the records are the reference's."""
+    import jax
+
+    compiles = []
+    listener = lambda event, secs, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None  # noqa: E731
+    llm = LLM.load(tiny, batch_size=3, max_seq_len=MAX_SEQ_LEN - 16)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        llm.engine.precompile()
+        at_start = len(compiles)
+        records = run_in_process(llm, job, tmp_path / "out.jsonl")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert at_start == len(llm.engine.programs()) > 4
+    assert len(compiles) == at_start, f"{len(compiles) - at_start} programs compiled during the job"
+    _, reference = one_device
+    results = {k: r for k, r in records.items() if k[0] != "error"}
+    assert results == {k: r for k, r in reference.items() if k[0] != "error"}
