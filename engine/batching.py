@@ -10,6 +10,7 @@ multi-host job admits the same requests at the same step.
 from __future__ import annotations
 
 import collections
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -17,6 +18,8 @@ import numpy as np
 
 from shardlm.engine.job_control import DRAIN, STOP
 from shardlm.engine.sampling import SamplingParams
+
+LOOKAHEAD = 4  # a streamed run queues up to this many requests per slot
 
 
 @dataclass
@@ -70,16 +73,36 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
     `on_step(n_tokens)` each decode step, `on_token(result)` each request after each token it takes
     (streaming; a stop token is not added, so the last call may see no new token). `control`
     (engine/job_control.py) may drain (no more admissions; the slots run to their end) or stop the
-    loop: requests it leaves unfinished have finish_reason None."""
+    loop: requests it leaves unfinished have finish_reason None.
 
-    requests = list(requests)
-    results = [Result(r.key, list(r.prompt_ids)) for r in requests]
-    queue = collections.deque(sorted(range(len(requests)), key=lambda i: engine.bucket(len(requests[i].prompt_ids))))
+    `requests` as a list or tuple: all queued at once. As any other iterable (a stream): taken as
+    the queue runs short (LOOKAHEAD per slot, ordered by bucket within what is queued), finished
+    results dropped once `on_result` has seen them, and the returned list is empty."""
+    streamed = not isinstance(requests, (list, tuple))
+    incoming = iter(requests)
+    reqs: dict[int, Request] = {}
+    results: dict[int, Result] = {}
+    queue: collections.deque[int] = collections.deque()
+    ids = itertools.count()  # request order
     slots: list[int | None] = [None] * engine.batch_size
     state = engine.init_decode_state()
 
+    def enqueue() -> None:
+        new = []
+        while not streamed or len(queue) + len(new) < LOOKAHEAD * engine.batch_size:
+            req = next(incoming, None)
+            if req is None:
+                break
+            i = next(ids)
+            reqs[i], results[i] = req, Result(req.key, list(req.prompt_ids))
+            new.append(i)
+        if new:
+            merged = sorted([*queue, *new], key=lambda i: (engine.bucket(len(reqs[i].prompt_ids)), i))
+            queue.clear()
+            queue.extend(merged)
+
     def take(i: int, token: int) -> bool:
-        done = accept(results[i], requests[i], token, engine.max_seq_len)
+        done = accept(results[i], reqs[i], token, engine.max_seq_len)
         if on_token is not None:
             on_token(results[i])
         return done
@@ -87,21 +110,25 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
     def finish(i: int):
         if on_result is not None:
             on_result(results[i])
+        if streamed:
+            del reqs[i], results[i]
 
     last = ()  # the previous step's slots and tokens, for the control's lockstep digest
-    while queue or any(s is not None for s in slots):
+    while True:
         if control is not None:
             decision = control.step(*last)
             if decision == STOP:
                 break
             if decision == DRAIN:
                 queue.clear()
-                if all(s is None for s in slots):
-                    break
+        if control is None or not control.drained:
+            enqueue()
+        if not queue and all(s is None for s in slots):
+            break
         for slot in range(engine.batch_size):
             while slots[slot] is None and queue:
                 i = queue.popleft()
-                req = requests[i]
+                req = reqs[i]
                 prefix = engine.prefill(params, req.prompt_ids, req.sampling)
                 if take(i, int(prefix.token)):
                     finish(i)
@@ -123,4 +150,4 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
                 finish(i)
         if on_step is not None:
             on_step(n_active)
-    return results
+    return [] if streamed else list(results.values())

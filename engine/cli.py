@@ -342,7 +342,7 @@ def _run_job(args, control, compile_s) -> int:
     if jax.process_count() > 1:  # jax.distributed put its own SIGTERM handler in place of ours
         install_signal_handlers(control)
     sampling = _sampling(args)
-    jobs.read_lines(args.input)  # a missing input or a bad output fails before the model loads
+    jobs.check_input(args.input)  # a missing input or a bad output fails before the model loads
     if jax.process_index() == 0:  # only process 0 sees the output
         jobs.check_output(args.output, args.input)
     if jax.process_count() > 1 and not args.mesh:

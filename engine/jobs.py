@@ -12,13 +12,17 @@ or, for an input line that cannot run, an error record (the job goes on):
     {"id": id or null, "line": 1-based input line number, "error": "what was wrong"}
 
 Every process reads the input and runs the same sequence of steps; only process 0 touches the
-output. Each record is appended with one write() and flushed, so a job that dies leaves whole
+output. The input is read as a stream: one first pass keeps a few bytes per line (`scan_input`:
+its digest, each line's id hash, repeated ids), the output's records are read the same way
+(`scan_output`), and the lines still to do are parsed as the scheduler takes them, so memory does
+not grow with the input's length. Each record is appended with one write() and flushed, so a job that dies leaves whole
 lines (a torn last line, should the OS leave one, is cut away before appending). Rerunning the
 same command skips ids that already have a result and lines that already have an error record.
 """
 
 from __future__ import annotations
 
+import array
 import codecs
 import dataclasses
 import hashlib
@@ -83,14 +87,13 @@ def _broadcast_from_first(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(values))
 
 
-def _check_same_input(lines: list[str]) -> None:
+def _check_same_input(digest: bytes) -> None:
     """Every process must read the same input, or their step sequences would diverge."""
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
 
-    digest = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).digest()[:8]
-    mine = np.frombuffer(digest, np.uint8).astype(np.int32)
+    mine = np.frombuffer(digest[:8], np.uint8).astype(np.int32)
     everyone = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 8]
     differ = [p for p in range(everyone.shape[0]) if not np.array_equal(everyone[p], everyone[0])]
     if differ:
@@ -121,19 +124,77 @@ def _split_lines(data: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
-def read_lines(path: str) -> list[str]:
-    """The input's lines (blank lines kept, so line numbers match the file). A UTF-8 byte-order mark
-    is skipped; bytes that are not UTF-8 are kept as surrogate escapes, so that parse_line makes that
-    line an error record instead of silently replacing them."""
+def check_input(path: str) -> None:
     if not os.path.isfile(path):
         raise ValueError(f"--input {path!r} is not a file")
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            f.read(1)
     except OSError as e:
         raise ValueError(f"--input {path!r}: cannot read it: {e.strerror}") from None
-    data = data.removeprefix(codecs.BOM_UTF8)
-    return [raw.decode("utf-8", errors="surrogateescape") for raw in _split_lines(data)]
+
+
+def iter_lines(path: str):
+    """The input's lines one at a time, as `_split_lines` splits them (blank lines kept, so line
+    numbers match the file). A UTF-8 byte-order mark is skipped; bytes that are not UTF-8 are kept
+    as surrogate escapes, so that parse_line makes that line an error record instead of silently
+    replacing them."""
+    check_input(path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f):
+            if number == 0:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            yield raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", errors="surrogateescape")
+
+
+def read_lines(path: str) -> list[str]:
+    """Every line of the input at once (small files)."""
+    return list(iter_lines(path))
+
+
+def _key_hash(key: str) -> int:
+    """An id's JSON form in 64 bits: the job keeps one per input line, not the ids themselves."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+
+
+@dataclass
+class InputIndex:
+    """What a job knows of its input before running it, a few bytes per line (one streaming pass)."""
+
+    n_lines: int
+    digest: bytes  # of the whole file: every process must read the same
+    keys: np.ndarray  # uint64 [n_lines]: each line's id hash, 0 where the line has no usable id
+    nonblank: np.ndarray  # bool [n_lines]
+    first_line: dict[int, int]  # 0-based line repeating an earlier id -> 1-based line of its first
+
+
+def scan_input(path: str) -> InputIndex:
+    digest, keys, nonblank = hashlib.sha256(), array.array("Q"), array.array("b")
+    for text in iter_lines(path):
+        digest.update(text.encode("utf-8", "surrogateescape") + b"\n")
+        nonblank.append(bool(text.strip()))
+        key = 0
+        if text.strip():
+            try:
+                obj = json.loads(text)
+                id_ = obj.get("id") if isinstance(obj, dict) else None
+                if isinstance(id_, (str, int)) and not isinstance(id_, bool):
+                    key = _key_hash(json.dumps(id_))
+            except (ValueError, RecursionError):
+                pass
+        keys.append(key)
+    keys_np = np.frombuffer(keys, np.uint64).copy() if len(keys) else np.zeros(0, np.uint64)
+    first_line = {}
+    with_id = np.flatnonzero(keys_np)
+    if with_id.size:
+        order = with_id[np.argsort(keys_np[with_id], kind="stable")]  # equal ids in line order
+        ks = keys_np[order]
+        starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])  # first of each id in `order`
+        repeat = np.flatnonzero(np.r_[False, ks[1:] == ks[:-1]])
+        group_first = order[starts[np.searchsorted(starts, repeat, side="right") - 1]]
+        first_line = {int(i): int(f) + 1 for i, f in zip(order[repeat], group_first)}
+    return InputIndex(len(keys), digest.digest(), keys_np, np.frombuffer(nonblank, np.int8).astype(bool),
+                      first_line)
 
 
 _EXPECTED = {"max_new_tokens": "an integer", "top_k": "an integer", "seed": "an integer",
@@ -199,21 +260,17 @@ def parse_line(number: int, text: str, llm, defaults: SamplingParams, chat: bool
     return line
 
 
-def parse_input(lines: list[str], llm, defaults: SamplingParams, chat: bool = False) -> list[Line]:
-    """Every non-blank line parsed; duplicates of an earlier id become errors."""
-    parsed, first = [], {}
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
+def pending_lines(path: str, index: InputIndex, done: np.ndarray, llm, defaults: SamplingParams, chat: bool = False):
+    """The input's non-blank lines not done yet, each parsed as it is read (a stream); a repeat of
+    an earlier id is an error."""
+    for number, text in enumerate(iter_lines(path), 1):
+        if not index.nonblank[number - 1] or done[number - 1]:
             continue
         line = parse_line(number, text, llm, defaults, chat)
-        if line.id is not None:
-            if line.key in first:
-                line.error = f"duplicate id {line.key} (first on line {first[line.key]})"
-                line.request = None
-            else:
-                first[line.key] = number
-        parsed.append(line)
-    return parsed
+        if line.id is not None and number - 1 in index.first_line:
+            line.error = f"duplicate id {line.key} (first on line {index.first_line[number - 1]})"
+            line.request = None
+        yield line
 
 
 # ----- output -----
@@ -259,50 +316,73 @@ def check_output(output_path: str, input_path: str) -> None:
             os.close(os.open(out, os.O_WRONLY | os.O_APPEND))
         except OSError as e:
             raise ValueError(f"--output {output_path!r} cannot be written: {e.strerror}") from None
-        read_output(out)
+        scan_output(out)
     elif not can_create_files_in(folder):
         raise ValueError(f"--output {output_path!r}: its folder {folder} is not writable")
 
 
-def read_output(path: str) -> tuple[list[dict], int | None]:
-    """The records in `path` and the length to cut a torn last line at (None: none), reading only.
-    Every whole line must be a job record and a torn tail must begin like one; otherwise this is
-    some other file and it is refused before anything is written to it."""
-    if not os.path.exists(path):
-        return [], None
+_NOT_OURS = "is not a job record; is it another file? (give a new path, or the output of an earlier run of this job)"
+
+
+@dataclass
+class OutputIndex:
+    """What an output holds, 8 bytes a record: its result ids' hashes and its error records' lines."""
+
+    results: np.ndarray  # uint64 id hashes
+    error_lines: np.ndarray  # int64 input line numbers (-1: not a line number)
+    cut: int | None  # the length to cut a torn last line at
+
+
+def _records(path: str):
+    """(line number, record or None, bytes before the line, whole) for each line, read one at a time."""
     with open(path, "rb") as f:
-        data = f.read()
-    keep = data.rfind(b"\n") + 1
-    records = []
-    for n, raw in enumerate(_split_lines(data[:keep]), 1):
-        record = _job_record(raw)
-        if record is None:
-            raise ValueError(f"--output {path!r} line {n} is not a job record; is it another file? "
-                             "(give a new path, or the output of an earlier run of this job)")
-        records.append(record)
-    torn = data[keep:]
-    if torn and not (_RECORD_START.startswith(torn) or torn.startswith(_RECORD_START)):
-        raise ValueError(f"--output {path!r} line {len(records) + 1} is not a job record; is it another file? "
-                         "(give a new path, or the output of an earlier run of this job)")
-    return records, keep if torn else None
+        at = 0
+        for n, raw in enumerate(f, 1):
+            whole = raw.endswith(b"\n")
+            record = _job_record(raw.removesuffix(b"\n").removesuffix(b"\r")) if whole else None
+            yield n, record, at, whole, raw
+            at += len(raw)
 
 
-def recover_output(path: str, parsed: list[Line] | None = None, n_lines: int | None = None) -> list[dict]:
-    """The records already in `path`, checked against this job's lines (`parsed`, of `n_lines` input
-    lines) when given; only then is a torn last line (no newline) cut off the file."""
-    records, cut = read_output(path)
-    if parsed is not None:
-        keys = {line.key for line in parsed if line.id is not None}
-        strange = [json.dumps(r["id"]) for r in records if "error" not in r and json.dumps(r["id"]) not in keys]
-        strange += [f"line {r['line']}" for r in records if "error" in r
-                    and not (isinstance(r["line"], int) and 1 <= r["line"] <= (n_lines or 0))]
-        if strange:
-            raise ValueError(f"--output {path!r} holds records that are not of this --input ({', '.join(strange[:3])}); "
+def scan_output(path: str) -> OutputIndex:
+    """The records in `path`, read in one pass holding 8 bytes each. Every whole line must be a
+    job record and a torn tail must begin like one; otherwise this is some other file and it is
+    refused before anything is written to it."""
+    results, errors, cut = array.array("Q"), array.array("q"), None
+    if os.path.exists(path):
+        for n, record, at, whole, raw in _records(path):
+            if not whole:
+                if not (_RECORD_START.startswith(raw) or raw.startswith(_RECORD_START)):
+                    raise ValueError(f"--output {path!r} line {n} {_NOT_OURS}")
+                cut = at
+            elif record is None:
+                raise ValueError(f"--output {path!r} line {n} {_NOT_OURS}")
+            elif "error" in record:
+                line = record["line"]
+                errors.append(line if isinstance(line, int) and not isinstance(line, bool) else -1)
+            else:
+                results.append(_key_hash(json.dumps(record["id"])))
+    return OutputIndex(np.frombuffer(results, np.uint64).copy(), np.frombuffer(errors, np.int64).copy(), cut)
+
+
+def recover_output(path: str, index: InputIndex | None = None) -> OutputIndex:
+    """The records already in `path`, checked against this job's input (`index`) when given; only
+    then is a torn last line (no newline) cut off the file."""
+    out = scan_output(path)
+    if index is not None:
+        strange = ~np.isin(out.results, index.keys)
+        bad_lines = (out.error_lines < 1) | (out.error_lines > index.n_lines)
+        if strange.any() or bad_lines.any():
+            stray = set(out.results[strange].tolist())
+            names = [json.dumps(r["id"]) for _, r, *_ in _records(path)
+                     if r is not None and "error" not in r and _key_hash(json.dumps(r["id"])) in stray][:3]
+            names += [f"line {n}" for n in out.error_lines[bad_lines][:3].tolist()]
+            raise ValueError(f"--output {path!r} holds records that are not of this --input ({', '.join(names[:3])}); "
                              "is it the output of another job? (give a new path)")
-    if cut is not None:
+    if out.cut is not None:
         with open(path, "r+b") as f:
-            f.truncate(cut)
-    return records
+            f.truncate(out.cut)
+    return out
 
 
 class Appender:
@@ -320,23 +400,26 @@ class Appender:
         os.close(self.fd)
 
 
-def _done_mask(parsed: list[Line], records: list[dict]) -> np.ndarray:
-    """1 for each parsed line that already has its record in the output."""
-    results = {json.dumps(r["id"]) for r in records if "error" not in r}
-    error_lines = {r.get("line") for r in records if "error" in r}
-    done = [line.number in error_lines if line.error else line.key in results for line in parsed]
-    return np.asarray(done, np.int32)
+def _done_mask(index: InputIndex, out: OutputIndex) -> np.ndarray:
+    """1 for each input line that already has its record in the output: an error record for its
+    line, or a result for its id (a line repeating an earlier id has only its error record)."""
+    done = np.zeros(index.n_lines, bool)
+    done[out.error_lines[(out.error_lines >= 1) & (out.error_lines <= index.n_lines)] - 1] = True
+    repeat = np.zeros(index.n_lines, bool)
+    repeat[list(index.first_line)] = True
+    done |= (index.keys != 0) & ~repeat & np.isin(index.keys, out.results)
+    return done.astype(np.int8)
 
 
-def _lines_done(parsed: list[Line], output_path: str, input_path: str, n_lines: int) -> np.ndarray:
+def _lines_done(index: InputIndex, output_path: str, input_path: str) -> np.ndarray:
     """Process 0 checks the output and finds the lines already done; every process gets its answer
     (only process 0 may see the file), and all stop together if it refused the file."""
-    view = np.zeros(len(parsed) + 1, np.int32)  # [done per line..., 1 if process 0 refused the output]
+    view = np.zeros(index.n_lines + 1, np.int8)  # [done per line..., 1 if process 0 refused the output]
     error = None
     if jax.process_index() == 0:
         try:
             check_output(output_path, input_path)
-            view[:-1] = _done_mask(parsed, recover_output(output_path, parsed, n_lines))
+            view[:-1] = _done_mask(index, recover_output(output_path, index))
         except ValueError as e:
             error, view[-1] = e, 1
     view = _broadcast_from_first(view)
@@ -356,18 +439,15 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
     Call it on every process of a multi-host job with the same arguments.
     """
     writer = jax.process_index() == 0
-    lines = read_lines(input_path)
-    _check_same_input(lines)
-    parsed = parse_input(lines, llm, defaults, chat)
-    done = _lines_done(parsed, output_path, input_path, len(lines))
-    pending = [line for line, d in zip(parsed, done) if not d]
-    bad = [line for line in pending if line.error]
-    requests = [line.request for line in pending if not line.error]
+    index = scan_input(input_path)  # one pass, a few bytes a line: the input is then read as a stream
+    _check_same_input(index.digest)
+    done = _lines_done(index, output_path, input_path)
+    to_do = int((index.nonblank & (done == 0)).sum())
 
     out = Appender(output_path) if writer else None
-    bar = _progress_bar(len(requests), enabled=writer and progress)
+    bar = _progress_bar(to_do, enabled=writer and progress)
     t0 = time.perf_counter()
-    stats = {"generated": 0, "prompt_tokens": 0}
+    stats = {"generated": 0, "prompt_tokens": 0, "completion_tokens": 0, "finished": 0, "errors": 0}
 
     def on_step(n_tokens: int) -> None:
         stats["generated"] += n_tokens
@@ -375,7 +455,9 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
             bar.set_postfix_str(f"{stats['generated'] / (time.perf_counter() - t0):.1f} tok/s", refresh=False)
 
     def on_result(line: Line, completion) -> None:
+        stats["finished"] += 1
         stats["prompt_tokens"] += len(completion.prompt_token_ids)
+        stats["completion_tokens"] += len(completion.token_ids)
         if out is not None:
             record = {"id": line.id, **completion_record(completion)}
             if control is None:
@@ -385,11 +467,19 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
         if bar is not None:
             bar.update(1)
 
-    try:
-        if out is not None:
-            for line in bad:
+    def requests():  # the pending lines as a stream: a bad line's error record is written as it is read
+        for line in pending_lines(input_path, index, done, llm, defaults, chat):
+            if line.error is None:
+                yield line.request
+                continue
+            stats["errors"] += 1
+            if out is not None:
                 out.write({"id": line.id, "line": line.number, "error": line.error})
-        completions = llm.run(requests, on_result=on_result, on_step=on_step, control=control) if requests else []
+            if bar is not None:
+                bar.update(1)
+
+    try:
+        llm.run(requests(), on_result=on_result, on_step=on_step, control=control)
         if control is not None:
             control.finish()
     finally:
@@ -398,13 +488,11 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
         if out is not None:
             out.close()
     wall = time.perf_counter() - t0
-    finished = [c for c in completions if c.finish_reason is not None]
-    completion_tokens = sum(len(c.token_ids) for c in finished)
-    pending = len(completions) - len(finished)
-    return {"prompts": len(finished), "errors": len(bad), "pending": pending, "skipped": int(done.sum()),
-            "prompt_tokens": stats["prompt_tokens"], "completion_tokens": completion_tokens, "wall_s": wall,
-            "completions_per_s": len(finished) / wall if wall > 0 else 0.0,
-            "tokens_per_s": completion_tokens / wall if wall > 0 else 0.0,
+    finished, pending = stats["finished"], to_do - stats["finished"] - stats["errors"]
+    return {"prompts": finished, "errors": stats["errors"], "pending": pending, "skipped": int(done.sum()),
+            "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"], "wall_s": wall,
+            "completions_per_s": finished / wall if wall > 0 else 0.0,
+            "tokens_per_s": stats["completion_tokens"] / wall if wall > 0 else 0.0,
             "preempted": bool(pending and control is not None and control.drained)}
 
 

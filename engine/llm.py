@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax.numpy as jnp
 
@@ -243,14 +243,16 @@ class LLM:
             self.engine.check_fits(len(ids), sampling.max_new_tokens)
         return batching.Request(ids, sampling, self.stop_token_ids, key=key)
 
-    def run(self, requests: Sequence[batching.Request], *, on_result: Callable[[object, Completion], None] | None = None,
+    def run(self, requests: Iterable[batching.Request], *, on_result: Callable[[object, Completion], None] | None = None,
             on_step: Callable[[int], None] | None = None,
             on_token: Callable[[object, list[int]], None] | None = None, control=None) -> list[Completion]:
         """Complete requests (from `request`) through continuous batching; Completions in request
         order. `on_result(key, completion)` sees each as it finishes, `on_step(n)` each step that
         makes tokens (n of them), `on_token(key, token_ids)` a request's generated ids so far after
         each token (streaming). `control`, a job_control.JobControl, may drain or stop the run
-        (jobs): the requests it leaves unfinished come back with finish_reason None."""
+        (jobs): the requests it leaves unfinished come back with finish_reason None. `requests` as
+        a list or tuple is checked whole first; any other iterable is a stream, taken as slots free
+        up, its results seen only through on_result (the returned list is empty)."""
         def finished(result: batching.Result) -> None:
             if on_result is not None:
                 on_result(result.key, self._completion(result))
@@ -267,8 +269,9 @@ class LLM:
             if on_step is not None and n:
                 on_step(n)
 
-        for r in requests:  # page arithmetic only: a hand-made Request that cannot fit fails before any work
-            self.engine.check_fits(len(r.prompt_ids), r.sampling.max_new_tokens)
+        if isinstance(requests, (list, tuple)):  # page arithmetic only: a hand-made Request that cannot fit
+            for r in requests:  # fails before any work (a stream's requests come from `request`, checked there)
+                self.engine.check_fits(len(r.prompt_ids), r.sampling.max_new_tokens)
         results = scheduler.run(self.engine, self.params, requests, on_result=finished, on_step=stepped,
                                 on_token=streamed, control=control)
         return [self._completion(r) for r in results]

@@ -35,6 +35,8 @@ from shardlm.engine.job_control import DRAIN, STOP
 from shardlm.engine.kv_pages import PagePool
 from shardlm.engine.sampling import SamplingParams
 
+LOOKAHEAD = 4  # a streamed run queues up to this many requests per sequence slot
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -71,7 +73,7 @@ class _Seq:
 
 class Scheduler:
     def __init__(self, *, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_seq_len: int, query_block: int = 1):
+                 max_seq_len: int, query_block: int = 1, keep_results: bool = True):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < page_size:
@@ -82,7 +84,10 @@ class Scheduler:
         self.query_block = query_block  # each chunk takes whole blocks of this many tokens of the budget
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.running: list[_Seq] = []  # admitted, in admission order
-        self.results: list[Result] = []
+        self.results: dict[int, Result] = {}  # by seq_id, in request order
+        self.keep_results = keep_results  # False: a finished result is dropped once `forget_finished` runs
+        self._finished: list[int] = []
+        self._forgotten = 0  # results dropped so far (seq ids keep counting)
         self.reserved = 0
         self._last = None
 
@@ -91,17 +96,27 @@ class Scheduler:
 
     def add(self, req: Request) -> Result:
         """Queue a request; its Result (finish_reason "error" at once if it can never fit the pool)."""
-        result = Result(req.key, list(req.prompt_ids))
-        self.results.append(result)
+        result, seq_id = Result(req.key, list(req.prompt_ids)), len(self.results) + self._forgotten
+        self.results[seq_id] = result
         need = self.pages_needed(req)
         if need > self.pool.num_pages:
             result.finish_reason = "error"
             result.error = str(ValueError(
                 f"a prompt of {len(req.prompt_ids)} tokens with max_new_tokens {req.sampling.max_new_tokens} needs "
                 f"{need} pages of {self.pool.page_size} tokens; the pool has {self.pool.num_pages} pages"))
+            self._finished.append(seq_id)
         else:
-            self.waiting.append(_Seq(len(self.results) - 1, req, need))
+            self.waiting.append(_Seq(seq_id, req, need))
         return result
+
+    def forget_finished(self) -> None:
+        """Without keep_results, drop the results that finished (their callbacks have run): a
+        stream of requests holds only what is waiting or running."""
+        if not self.keep_results:
+            for seq_id in self._finished:
+                del self.results[seq_id]
+            self._forgotten += len(self._finished)
+        self._finished = []
 
     def _admit(self):
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -166,6 +181,7 @@ class Scheduler:
                 self.reserved -= s.reserved
                 self.running.remove(s)
                 finished.append(result)
+                self._finished.append(seq_id)
             else:
                 s.token = int(token)
         return finished
@@ -179,17 +195,34 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
     `on_step(batch, scheduler)` each step after its tokens are taken, `on_token(result)` each
     request after each token it takes (streaming; a stop token is not added). `control`
     (engine/job_control.py) may drain or stop the loop: requests it leaves unfinished have
-    finish_reason None."""
-    requests = list(requests)
+    finish_reason None.
+
+    `requests` as a list or tuple: every prompt is checked before any work. As any other iterable
+    (a stream, e.g. a job's input): requests are taken as the queue runs short (LOOKAHEAD per
+    sequence slot), each checked as it is taken, finished results are dropped once `on_result`
+    has seen them, and the returned list is empty: memory holds what waits or runs, not the stream."""
+    streamed = not isinstance(requests, (list, tuple))
     sched = Scheduler(num_pages=engine.num_pages, page_size=engine.page_size, max_num_seqs=engine.max_num_seqs,
                       max_num_batched_tokens=engine.max_num_batched_tokens, max_seq_len=engine.max_seq_len,
-                      query_block=engine.query_block)
-    for req in requests:
-        engine.check_prompt(req.prompt_ids)
-    for req in requests:
-        result = sched.add(req)
-        if result.finish_reason == "error" and on_result is not None:
-            on_result(result)
+                      query_block=engine.query_block, keep_results=not streamed)
+    if not streamed:
+        for req in requests:
+            engine.check_prompt(req.prompt_ids)
+    incoming = iter(requests)
+    lookahead = LOOKAHEAD * engine.max_num_seqs if streamed else None
+
+    def take() -> None:  # queue requests up to the look-ahead (all of a list at once)
+        while lookahead is None or len(sched.waiting) < lookahead:
+            req = next(incoming, None)
+            if req is None:
+                return
+            if streamed:
+                engine.check_prompt(req.prompt_ids)
+            result = sched.add(req)
+            if result.finish_reason == "error" and on_result is not None:
+                on_result(result)
+        sched.forget_finished()
+
     last = ()  # the previous step's rows and tokens, for the control's lockstep digest
     while True:
         if control is not None:
@@ -198,6 +231,8 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
                 break
             if decision == DRAIN:
                 sched.drain()
+        if control is None or not control.drained:
+            take()
         if (batch := sched.schedule()) is None:
             break
         step = engine.prefill if isinstance(batch, PrefillBatch) else engine.decode
@@ -214,4 +249,5 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
         for result in finished:
             if on_result is not None:
                 on_result(result)
-    return sched.results
+        sched.forget_finished()
+    return list(sched.results.values()) if not streamed else []
