@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from shardlm.engine.job_control import DRAIN, STOP
+from shardlm.engine.job_control import at_step
 from shardlm.engine.sampling import SamplingParams
 
 LOOKAHEAD = 4  # a streamed run queues up to this many requests per slot
@@ -115,13 +115,10 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
 
     last = ()  # the previous step's slots and tokens, for the control's lockstep digest
     while True:
-        if control is not None:
-            decision = control.step(*last)
-            if decision == STOP:
-                break
-            if decision == DRAIN:
-                queue.clear()
-        if control is None or not control.drained:
+        go, admit = at_step(control, last, drain=queue.clear)
+        if not go:
+            break
+        if admit:
             enqueue()
         if not queue and all(s is None for s in slots):
             break

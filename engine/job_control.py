@@ -110,6 +110,17 @@ class JobControl:
         return bool(everyone[:, 0].any()), bool(everyone[:, 1].any())
 
 
+def at_step(control: JobControl | None, last: tuple, drain: Callable[[], None]) -> tuple[bool, bool]:
+    """The loops' decision at the top of a step, `last` the previous step's (rows, tokens) or ():
+    (go on, admit more requests); `drain()` runs while draining."""
+    if control is None:
+        return True, True
+    decision = control.step(*last)
+    if decision == DRAIN:
+        drain()
+    return decision != STOP, decision == GO
+
+
 def _processes() -> int:
     import jax
 

@@ -298,15 +298,21 @@ def _same_file(a: str, b: str) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+def _file_path(flag: str, path: str, kind: str) -> tuple[str, str]:
+    """(absolute path, its folder) of a file to write: not a folder, in a folder that exists."""
+    out = os.path.abspath(path)
+    if os.path.isdir(out):
+        raise ValueError(f"{flag} {path!r} is a folder; give the path of {kind}")
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path!r}: its folder does not exist")
+    return out, folder
+
+
 def check_output(output_path: str, input_path: str) -> None:
     """What can be known of --output before the model loads, touching nothing: a writable file (or
     a new one in an existing, writable folder), not --input, and holding only job records."""
-    out = os.path.abspath(output_path)
-    if os.path.isdir(out):
-        raise ValueError(f"--output {output_path!r} is a folder; give the path of a JSONL file")
-    folder = os.path.dirname(out)
-    if not os.path.isdir(folder):
-        raise ValueError(f"--output {output_path!r}: its folder does not exist")
+    out, folder = _file_path("--output", output_path, "a JSONL file")
     if _same_file(out, input_path):
         raise ValueError(f"--output {output_path!r} is the same file as --input {input_path!r}; give another path")
     if os.path.exists(out):
@@ -540,12 +546,7 @@ class _ProgressLines:
 
 def check_summary_path(path: str) -> None:
     """--summary: a file that can be created or replaced (it is written whole at the end)."""
-    out = os.path.abspath(path)
-    if os.path.isdir(out):
-        raise ValueError(f"--summary {path!r} is a folder; give the path of a JSON file")
-    folder = os.path.dirname(out)
-    if not os.path.isdir(folder):
-        raise ValueError(f"--summary {path!r}: its folder does not exist")
+    _, folder = _file_path("--summary", path, "a JSON file")
     if not can_create_files_in(folder):
         raise ValueError(f"--summary {path!r}: its folder {folder} is not writable")
 

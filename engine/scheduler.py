@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from shardlm.engine.batching import Request, Result, accept, to_host
-from shardlm.engine.job_control import DRAIN, STOP
+from shardlm.engine.job_control import at_step
 from shardlm.engine.kv_pages import PagePool
 from shardlm.engine.sampling import SamplingParams
 
@@ -225,13 +225,10 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
 
     last = ()  # the previous step's rows and tokens, for the control's lockstep digest
     while True:
-        if control is not None:
-            decision = control.step(*last)
-            if decision == STOP:
-                break
-            if decision == DRAIN:
-                sched.drain()
-        if control is None or not control.drained:
+        go, admit = at_step(control, last, drain=sched.drain)
+        if not go:
+            break
+        if admit:
             take()
         if (batch := sched.schedule()) is None:
             break
