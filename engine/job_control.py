@@ -1,9 +1,9 @@
 """What every process of a job decides together at each step: drain on a signal, stop at the drain
 deadline, and check that the processes still run the same steps (lockstep).
 
-The generation loops (scheduler.run, batching.run) call `control.step(seq_ids, tokens)` at the top
-of every iteration with the previous step's rows and sampled tokens (None before the first) and
-act on the answer:
+The generation loops (scheduler.run, batching.run) call `at_step(control, last, drain)` at the top
+of every iteration, which asks `control.step(rows, tokens)` with the previous step's rows and
+sampled tokens, and act on the answer:
 - GO: go on;
 - DRAIN: admit nothing more; sequences already started (prefilled at least in part) run to their
   end, the rest stay pending for a rerun;
@@ -12,11 +12,11 @@ A SIGTERM or SIGINT (`install_signal_handlers`) asks for a drain; the drain dead
 (`drain_timeout` seconds after the step that first saw the request) turns it into a stop. In a job
 of several processes the flags of all of them are gathered at every step, so a signal on any
 process drains and stops every process at the same step, and every `lockstep_every` steps (default
-every step: the flags are exchanged anyway; and at the end) their digests of the scheduled rows and
-sampled tokens are compared: a difference
-stops the job with the step and the processes that differ (a divergence would otherwise hang a
-collective or write wrong output). Writes handed to `hold` run only once a comparison covering
-them has passed, so a divergence writes nothing it produced; in a single process they run at once.
+every step, since the flags are exchanged anyway; and at the end) their digests of the scheduled
+rows and sampled tokens are compared: a difference stops the job with the step and the processes
+that differ (a divergence would otherwise hang a collective or write wrong output). Writes handed
+to `hold` run only once a comparison covering them has passed, so a divergence writes nothing it
+produced; in a single process they run at once.
 """
 
 from __future__ import annotations

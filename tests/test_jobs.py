@@ -400,12 +400,12 @@ def test_poisoned_lines_are_their_own_error_records_and_the_rerun_completes(one_
 
 # ----- preemption: SIGTERM drains, exit 75, a rerun completes; lockstep divergence -----
 
-LONG_PROMPTS = 150
+LONG_PROMPTS = 80
 
 
 @pytest.fixture(scope="module")
 def long_job(tmp_path_factory):
-    """150 prompts of 16 new tokens: seconds of work at 4 sequences, time to signal it mid-run."""
+    """80 prompts of 16 new tokens: seconds of work at 4 sequences, time to signal it mid-run."""
     path = tmp_path_factory.mktemp("long") / "prompts.jsonl"
     path.write_text("".join(json.dumps({"id": i, "prompt": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(4 + i % 9)),
                                         "ignore_eos": True}) + "\n" for i in range(LONG_PROMPTS)))

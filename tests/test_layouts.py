@@ -35,14 +35,14 @@ def _free_device_memory():
     jax.clear_caches()
 
 
-SMOLLM2_LAYERS = 4
+SMOLLM2_LAYERS = 2
 
 
 @pytest.fixture(scope="module")
 def base(llm):
-    """SmolLM2 cut to its first 4 layers: its weights, tokenizer and shapes (9 query heads, 3 kv
+    """SmolLM2 cut to its first 2 layers: its weights, tokenizer and shapes (9 query heads, 3 kv
     heads, a 49152-token vocabulary), every layer placed as the others are; a 30-layer program takes
-    7x as long to compile and run here and shows no layout anything the 4 do not."""
+    far longer to compile and run here and shows no layout anything the 2 do not."""
     return llm.relayout(batch_size=8, max_seq_len=128).first_layers(SMOLLM2_LAYERS)
 
 
