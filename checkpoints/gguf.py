@@ -6,6 +6,7 @@ uses the half-split (HF) RoPE, so `_unpermute` undoes that on import.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -117,15 +118,60 @@ def _header(path: str) -> _Header:
     with open(path, "rb") as f:
         if f.read(4) != MAGIC:
             raise CheckpointError(f"not a GGUF file (no GGUF magic bytes): {path}")
+    stat = os.stat(path)
     try:
-        return _Header(path)
+        return _parsed_header(path, stat.st_size, stat.st_mtime_ns)
     except Exception as e:  # truncated or corrupt: struct, numpy and gguf raise assorted errors
         raise CheckpointError(f"cannot read GGUF file {path} (truncated or corrupt?): {e}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_header(path: str, size: int, mtime_ns: int) -> _Header:
+    """One parse for a loader's read_config then load of the same file (0.3 s for the embedded
+    model's 49k-token vocabulary); keyed by size and mtime so a rewritten file is read again."""
+    return _Header(path)
 
 
 def read_metadata(path: str) -> dict[str, Any]:
     """All key/value metadata of a GGUF file as plain Python values (str, int, float, bool, list)."""
     return _header(path).metadata
+
+
+# The legacy block types, dequantized in one vectorized pass per tensor (gguf's numpy code takes ~2x
+# as long, in row groups): bytes per block of 32 values, and the block's layout
+# (f16 scale d, an f16 minimum m for Q4_1, then 32 int8 or 16 bytes of 4-bit values: element i in
+# the low nibble of byte i, element 16 + i in its high nibble).
+_BLOCKS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def _dequantize_blocks(data: np.ndarray, kind: str) -> np.ndarray:
+    """float32 values [n_blocks * 32] of a Q8_0, Q4_0 or Q4_1 tensor's bytes."""
+    b = np.asarray(data).view(np.uint8).reshape(-1, _BLOCKS[kind])
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)  # [n, 1]
+    out = np.empty((b.shape[0], 32), np.float32)
+    if kind == "Q8_0":
+        out[:] = b[:, 2:].view(np.int8)
+        out *= d
+        return out.reshape(-1)
+    qs = b[:, 4:] if kind == "Q4_1" else b[:, 2:]
+    np.bitwise_and(qs, 0xF, out=out[:, :16], casting="unsafe")
+    np.right_shift(qs, 4, out=out[:, 16:], casting="unsafe")
+    if kind == "Q4_0":
+        out -= 8
+    out *= d
+    if kind == "Q4_1":
+        out += b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return out.reshape(-1)
+
+
+def dequantize(data: np.ndarray, tensor_type) -> np.ndarray:
+    """A tensor's data as float32 in numpy order (gguf's own dequantizer for the types not above)."""
+    import gguf
+
+    if tensor_type.name in _BLOCKS:
+        shape = gguf.quants.quant_shape_from_byte_shape(data.shape, tensor_type)
+        return _dequantize_blocks(data, tensor_type.name).reshape(shape)
+    return gguf.quants.dequantize(data, tensor_type)
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -146,13 +192,11 @@ class GGUFWeights:
 
     def get(self, name: str) -> np.ndarray:
         """Tensor `name` as float32 in GGUF's row-major order ([out, in] for projections)."""
-        import gguf
-
         if name not in self.tensors:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
         t = self.tensors[name]
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot dequantize tensor {name!r} ({t.tensor_type.name}): {e}") from None
         expected = tuple(int(d) for d in reversed(t.shape))

@@ -41,7 +41,7 @@ class LoadedModel:
 
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32, quantize: str | None = None) -> nnx.Module:
-    return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), quantize=quantize))
+    return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=None, quantize=quantize))
 
 
 def materialize(abstract: nnx.Module, read: Callable[[tuple, tuple], np.ndarray], placement: Placement,
@@ -64,7 +64,7 @@ def materialize(abstract: nnx.Module, read: Callable[[tuple, tuple], np.ndarray]
                 if part.shape != want:
                     raise CheckpointError(f"parameter {'/'.join(map(str, path))}: read a slice of shape "
                                           f"{part.shape}, expected {want}")
-                slices[key] = part.astype(dtype)
+                slices[key] = part.astype(dtype, copy=False)
             return slices[key]
 
         flat.append((path, var.replace(jax.make_array_from_callback(shape, sharding, read_slice))))

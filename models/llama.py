@@ -44,10 +44,12 @@ def _w(var):
     return gather_weight(var[...], _axes(var))
 
 
-def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, init: str = "normal"):
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, scale: float | None = None, init: str = "normal"):
+    """rngs None: zeros for "normal" too, for a model whose values are read in after (abstract_model:
+    tracing 270 random draws took 1.6 s of every load)."""
     if init == "ones":
         value = jnp.ones(shape, dtype)
-    elif init == "zeros":
+    elif init == "zeros" or rngs is None:
         value = jnp.zeros(shape, dtype)
     else:
         value = (jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype)
@@ -67,7 +69,7 @@ def _ws(module, names):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs | None):
         self.scale = _param(rngs, (dim,), ("norm",), dtype, init="ones")
         self.eps = eps
 
@@ -104,7 +106,7 @@ def apply_rope(x, positions, inv_freq):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantize: str | None = None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None = None):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q = _weight(_param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype, D**-0.5), quantize, (0,))
         self.k = _weight(_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype, D**-0.5), quantize, (0,))
@@ -137,7 +139,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantize: str | None = None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None = None):
         D, F = cfg.d_model, cfg.d_ff
         self.gate = _weight(_param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5), quantize, (0,))
         self.up = _weight(_param(rngs, (D, F), ("embed", "mlp"), dtype, D**-0.5), quantize, (0,))
@@ -149,7 +151,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantize: str | None = None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None = None):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
         self.attn = Attention(cfg, dtype, rngs, quantize)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
@@ -165,8 +167,9 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, quantize: str | None = None):
-        """quantize: None (full precision) or "int8" (weights, embedding and lm_head; models/quant.py)."""
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None, quantize: str | None = None):
+        """rngs: the random initialization's keys (None: zeros, for weights read from a checkpoint).
+        quantize: None (full precision) or "int8" (weights, embedding and lm_head; models/quant.py)."""
         self.cfg = cfg
         quantize = quant.check_mode(quantize)
         # The table's scale is per vocabulary row (contract D), which for tied embeddings is also the

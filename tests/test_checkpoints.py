@@ -598,3 +598,22 @@ def test_gguf_refused_keys_exit_2(case, tmp_path, capsys):
     assert main(["inspect", path]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {path}: ") and message in err, err
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_block_dequantize_equals_gguf_package(kind):
+    import gguf
+
+    from shardlm.checkpoints.gguf import dequantize
+
+    rng = np.random.default_rng(0)
+    tensor_type = gguf.GGMLQuantizationType[kind]
+    byte_shape = gguf.quants.quant_shape_to_byte_shape((6, 96), tensor_type)
+    data = rng.integers(0, 256, byte_shape, dtype=np.uint8)
+    # finite f16 scale (and minimum) at the start of every block of 32 values
+    blocks = data.reshape(-1, byte_shape[-1] // 3)
+    n_halves = 2 if kind == "Q4_1" else 1
+    blocks[:, :2 * n_halves] = rng.normal(size=(len(blocks), n_halves)).astype(np.float16).view(np.uint8)
+    ours, theirs = dequantize(data, tensor_type), gguf.quants.dequantize(data, tensor_type)
+    assert ours.shape == theirs.shape == (6, 96) and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, theirs)
