@@ -305,8 +305,8 @@ class PagedEngine:
                                   self.max_num_seqs, max_seq_len)
         self.prefill_spec, self.decode_spec = step(self.placement.prefill_rules), step(self.placement.decode_rules)
         # Zeroing the pools first-touches all their memory (on CPU ~3 s for 2 GiB of fresh host
-        # memory, which JAX runs synchronously): a thread does it while the caller goes on (loading,
-        # tracing the first step); the first use of k or v waits for it.
+        # memory, which JAX runs synchronously): a thread does it while the caller goes on (e.g.
+        # tracing the first step); the first read or write of k or v waits for it.
         executor = concurrent.futures.ThreadPoolExecutor(1)
         self._zeroed = executor.submit(init_pools_step, self.decode_spec, self.num_pages, self.page_size)
         executor.shutdown(wait=False)
@@ -317,8 +317,12 @@ class PagedEngine:
             self._zeroed = None
         return self._k, self._v
 
-    k = property(lambda self: self._pools()[0], lambda self, pools: setattr(self, "_k", pools))
-    v = property(lambda self: self._pools()[1], lambda self, pools: setattr(self, "_v", pools))
+    def _set(self, name, pools):
+        self._pools()  # a write before the zeroing finished must not be overwritten by it
+        setattr(self, name, pools)
+
+    k = property(lambda self: self._pools()[0], lambda self, pools: self._set("_k", pools))
+    v = property(lambda self: self._pools()[1], lambda self, pools: self._set("_v", pools))
 
     def model(self) -> nnx.Module:
         return self.strategy.merge(self.graphdef, self.params)
