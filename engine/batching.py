@@ -37,6 +37,9 @@ class Result:
     token_ids: list[int] = field(default_factory=list)  # generated, without the stop token
     finish_reason: str | None = None  # "stop" or "length" ("error": the request could not run)
     error: str | None = None  # why, when finish_reason is "error"
+    # n > 1 samples: a Result per sample, in sample order (token_ids and finish_reason above are
+    # sample 0's; finish_reason is set once every sample is finished)
+    samples: list["Result"] = field(default_factory=list)
 
 
 def _stops(req: Request) -> frozenset[int]:

@@ -64,45 +64,96 @@ class MockEngine:
         return state, state.tokens.copy()
 
 
+def _key(sampling, seed: int) -> int:
+    """What the seed adds to a token: greedy (temperature 0) draws nothing from its key."""
+    return seed if sampling.temperature > 0 else 0
+
+
 class MockPagedEngine:
     """The paged engine's contract (prefill / decode of scheduler batches over a PagePool) with
-    MockEngine's arithmetic: a request's tokens equal MockEngine.expected(prompt, n) however its
-    prompt is chunked and whatever runs beside it. It checks that each chunk continues where its
-    sequence's last one ended and that every token it is given a slot for lies in a page the
-    sequence holds. `steps` logs ("prefill", [(seq_id, start, n), ...]) / ("decode", [seq_id, ...])."""
+    MockEngine's arithmetic, seeded: a request's tokens equal MockEngine.expected(prompt, n, seed)
+    (seed 0 when greedy)
+    however its prompt is chunked and whatever runs beside it. It keeps a "KV cache", the token and
+    position written at each flat slot, and computes from what it reads back through the pool's
+    pages (a prefix from the cache, a forked sample's copied page), so a page shared or copied
+    wrongly changes the tokens; a read of a slot never written, or written for another position,
+    fails at once. `steps` logs ("prefill", [(seq_id, start, n), ...]) / ("decode", [seq_id, ...]);
+    `prefill_tokens` counts the tokens it computed."""
 
     def __init__(self, *, page_size: int = 4, num_pages: int = 64, max_num_seqs: int = 4,
-                 max_num_batched_tokens: int = 16, max_seq_len: int = 64, vocab_size: int = 97):
+                 max_num_batched_tokens: int = 16, max_seq_len: int = 64, vocab_size: int = 97,
+                 prefix_cache: bool = True):
         self.page_size, self.num_pages, self.max_num_seqs = page_size, num_pages, max_num_seqs
         self.max_num_batched_tokens, self.max_seq_len, self.vocab_size = max_num_batched_tokens, max_seq_len, vocab_size
+        self.prefix_cache = prefix_cache
         self.query_block = 1  # chunks take exactly their own tokens of the budget
         self.steps: list = []
-        self._sums: dict = {}  # seq_id -> (sum of prompt tokens seen, count)
+        self.prefill_tokens = 0
+        self.kv: dict[int, tuple[int, int]] = {}  # flat slot -> (token, position)
+
+    @staticmethod
+    def expected(prompt, n: int, seed: int = 0, vocab_size: int = 97) -> list[int]:
+        """The tokens MockPagedEngine generates for `prompt` with this key (no stop tokens)."""
+        x, out = list(prompt), []
+        weighted = sum((j + 1) * t for j, t in enumerate(x))
+        for _ in range(n):
+            token = (weighted + len(x) + seed) % vocab_size
+            out.append(token)
+            x.append(token)
+            weighted += len(x) * token
+        return out
+
+    def _next(self, x, sampling, seed) -> int:
+        return (sum((j + 1) * t for j, t in enumerate(x)) + len(x) + _key(sampling, seed)) % self.vocab_size
 
     def check_prompt(self, tokens) -> None:
         if not tokens:
             raise ValueError("prompt is empty: give at least one token")
 
-    def _check_slots(self, pool, seq_id, start, n):
+    def _copy(self, copies) -> None:
+        P = self.page_size
+        for src, dst in copies:
+            for o in range(P):
+                if src * P + o in self.kv:
+                    self.kv[dst * P + o] = self.kv[src * P + o]
+                else:
+                    self.kv.pop(dst * P + o, None)
+
+    def _write(self, pool, seq_id, start, token_ids) -> None:
         pages = set(pool.pages(seq_id))
-        assert all(int(s) // pool.page_size in pages for s in pool.slot_mapping(seq_id, start, n))
+        for j, (slot, token) in enumerate(zip(pool.slot_mapping(seq_id, start, len(token_ids)), token_ids)):
+            assert int(slot) // pool.page_size in pages
+            self.kv[int(slot)] = (int(token), start + j)
+
+    def _read(self, pool, seq_id, n) -> list[int]:
+        out = []
+        for j, slot in enumerate(pool.slot_mapping(seq_id, 0, n)):
+            token, pos = self.kv.get(int(slot), (None, None))
+            assert pos == j, f"sequence {seq_id} reads position {j} from slot {slot}, which holds position {pos}"
+            out.append(token)
+        return out
 
     def prefill(self, params, batch, pool):
+        from shardlm.engine.scheduler import sample_seed
+
+        self._copy(batch.copies)
         out = []
         for c in batch.chunks:
-            total, count = self._sums.get(c.seq_id, (0, 0))
-            assert c.start == count, f"chunk of sequence {c.seq_id} starts at {c.start}, {count} tokens done"
-            self._check_slots(pool, c.seq_id, c.start, len(c.token_ids))
-            total, count = total + sum(c.token_ids), count + len(c.token_ids)
-            self._sums[c.seq_id] = (total, count)
-            out.append((total + count) % self.vocab_size)
-            if c.last:
-                del self._sums[c.seq_id]
+            self._write(pool, c.seq_id, c.start, c.token_ids)
+            self.prefill_tokens += len(c.token_ids)
+            if not c.last:
+                out.append(-1)
+                continue
+            prompt = self._read(pool, c.seq_id, c.start + len(c.token_ids))
+            out += [self._next(prompt, c.sampling, sample_seed(c.sampling.seed, i)) for i in range(c.samples)]
         self.steps.append(("prefill", [(c.seq_id, c.start, len(c.token_ids)) for c in batch.chunks]))
         return np.asarray(out), None
 
     def decode(self, params, batch, pool):
-        for seq_id, pos in zip(batch.seq_ids, batch.positions):
-            self._check_slots(pool, seq_id, pos, 1)
+        self._copy(batch.copies)
+        out = []
+        for seq_id, token, pos, sp in zip(batch.seq_ids, batch.tokens, batch.positions, batch.samplings):
+            self._write(pool, seq_id, pos, [token])
+            out.append(self._next(self._read(pool, seq_id, pos + 1), sp, sp.seed))
         self.steps.append(("decode", list(batch.seq_ids)))
-        return np.asarray([(t * 3 + p + 1) % self.vocab_size for t, p in zip(batch.tokens, batch.positions)]), None
+        return np.asarray(out), None

@@ -28,6 +28,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    n: int = 1  # samples of the prompt (prefilled once, each sample keyed by scheduler.sample_seed)
 
     def __post_init__(self):
         ids = self.stop_token_ids
@@ -37,13 +38,13 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
         # seed and top_k go to the device as int32: a larger value is an error here, not an overflow there.
         for name, low, allowed in (("max_new_tokens", 1, " >= 1"), ("top_k", 0, " >= 0 (0 disables it)"),
-                                   ("seed", INT32_MIN, "")):
+                                   ("seed", INT32_MIN, ""), ("n", 1, " >= 1 (samples of the prompt)")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an integer{allowed}, got {value!r}")
             if value < low:
                 raise ValueError(f"{name} must be an integer{allowed or f' >= {low}'}, got {value!r}")
-            if name != "max_new_tokens" and value > INT32_MAX:
+            if name not in ("max_new_tokens", "n") and value > INT32_MAX:
                 raise ValueError(f"{name} must be at most {INT32_MAX} (a 32-bit integer), got {value!r}")
             object.__setattr__(self, name, int(value))
         for name in ("temperature", "top_p"):
@@ -85,16 +86,28 @@ def filtered_logits(logits, temperature, top_k, top_p):
 
 
 def sample(logits, temperature, top_k, top_p, keys):
-    """Per-row token choice. logits [B,V]; temperature/top_k/top_p [B]; keys [B,2] -> tokens [B]."""
+    """Per-row token choice. logits [B,V]; temperature/top_k/top_p [B]; keys [B,2] -> tokens [B].
+
+    A row without top-k or top-p draws from its tempered logits directly; a row with either draws
+    from the filtered, sorted logits (`filtered_logits`). Which way a row goes depends on its own
+    parameters only, so its token does not depend on the rows beside it."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filters = (top_k > 0) | (top_p < 1.0)
 
     def stochastic(_):
         safe_t = jnp.where(temperature > 0, temperature, 1.0)
-        sorted_logits, order = filtered_logits(logits, safe_t, top_k, top_p)
-        choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
-        drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        plain = jax.vmap(jax.random.categorical)(keys, logits / safe_t[:, None]).astype(jnp.int32)
+
+        def filtered(_):
+            sorted_logits, order = filtered_logits(logits, safe_t, top_k, top_p)
+            choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+            drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+            return jnp.where(filters, drawn, plain)
+
+        # The sort over V (~0.8 s for 64 rows of a 49k vocabulary on CPU) only runs for rows that filter.
+        drawn = jax.lax.cond(jnp.any(filters & (temperature > 0)), filtered, lambda _: plain, None)
         return jnp.where(temperature > 0, drawn, greedy)
 
-    # The sort over V only runs when some row samples; all-greedy batches skip it.
+    # All-greedy batches skip sampling altogether.
     return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda _: greedy, None)

@@ -1,24 +1,35 @@
 """The host-side scheduler of the paged engine: a waiting queue, the running sequences, the page pool.
 
-Each step it first admits waiting requests, oldest first, while the running count stays within
-`max_num_seqs` and the pages reserved stay within the pool: a sequence reserves
-ceil(min(prompt + max_new_tokens, max_seq_len) / P) pages at admission, so a running sequence
-never runs out of pages in decode; pages are allocated only as its tokens arrive (a prefill chunk,
-then one token a decode step), so the pages held are ceil(tokens / P) per sequence, within one
-page per sequence of the tokens in flight. The head of the queue waits until it fits (no
-skipping), so admission order is the request order in every process of a multi-host job. A request
-whose reservation exceeds the whole pool can never run: it is that request's error.
+Each step it first admits waiting requests, oldest first, while the running sequences stay within
+`max_num_seqs` (a request of n samples counts n) and the pool has room for the prompt's pages
+(less what the prefix cache holds, engine/kv_pages.py), a copy of its partial last page for
+each further sample, and a watermark of 1% of the pool for the running sequences to grow into.
+The prompt's pages are taken at admission; decode takes a page as a sequence crosses a page
+boundary. The head of the queue waits until it fits (no skipping), so admission order is the
+request order in every process of a multi-host job. A request that could never fit the pool
+alone is that request's error.
 
 Then it picks one kind of step, alternating when both have work:
 - prefill: chunks of the admitted prompts not yet prefilled, oldest first, packed into one row up
-  to `max_num_batched_tokens` (each chunk taking whole blocks of `query_block` tokens of it); a
-  prompt longer than the budget goes over several steps;
+  to `max_num_batched_tokens` (each chunk taking whole blocks of `query_block` tokens of it, and
+  the last chunk of an n-sample prompt at least n blocks: each sample is a row of the step); a
+  prompt longer than the budget goes over several steps. A prompt whose cached prefix another
+  sequence is still prefilling waits for it (the pages are shared, computed once);
 - decode: one token for every sequence whose prompt is done.
 Alternating (rather than mixing decode tokens into the prefill row) keeps each step's attention
 specialised (a decode row reads one page per step per sequence; a packed row gathers per token),
 and a running sequence still gets a token between each chunk of a long prompt.
 
-The engine does the arithmetic: `engine.prefill(params, chunks, pool)` and
+n samples: the prompt is prefilled once; its last chunk samples each sample's first token in a
+row of its own (sample i keyed by `sample_seed(seed, i)`), then the samples fork (they share the
+prompt's full pages; each gets a copy of its partial last page, `copies` of the next step).
+
+Preemption by recompute: when a decode step finds no free page for a sequence, the newest
+decoding sequence (by request order) gives its pages back and goes to the head of the queue with
+its prompt and the tokens it generated; re-admitted, it prefills them (mostly from the prefix
+cache) and samples on from where it stopped, with the same keys, so its result is unchanged.
+
+The engine does the arithmetic: `engine.prefill(params, batch, pool)` and
 `engine.decode(params, batch, pool)` return the sampled tokens (first arrays of their results);
 `run` drives any engine with those two methods (tests use engine/mock_engine.py's).
 Stop and length rules are batching.accept's.
@@ -27,6 +38,9 @@ Stop and length rules are batching.accept's.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import itertools
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -36,22 +50,42 @@ from shardlm.engine.kv_pages import PagePool
 from shardlm.engine.sampling import SamplingParams
 
 LOOKAHEAD = 4  # a streamed run queues up to this many requests per sequence slot
+WATERMARK = 0.01  # of the pool, kept free at admission for running sequences to grow into
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request: sample 0 keeps the request's seed, so n = 1 is
+    unchanged; the others are a hash of (seed, index), a 31-bit integer."""
+    if index == 0:
+        return seed
+    return zlib.crc32(f"{seed}:{index}".encode()) & 0x7FFFFFFF
+
+
+def sample_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """The SamplingParams sample `index` of a request runs with, as a request of its own (n = 1)."""
+    return dataclasses.replace(sampling, seed=sample_seed(sampling.seed, index), n=1)
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Prompt tokens start .. start + len(token_ids) - 1 of sequence seq_id, prefilled in one step."""
+    """Tokens start .. start + len(token_ids) - 1 of sequence seq_id, prefilled in one step."""
 
     seq_id: int
     token_ids: tuple[int, ...]
     start: int
     last: bool  # completes the prompt: its first token is sampled at the chunk's last position
     sampling: SamplingParams
+    samples: int = 1  # rows of the step this chunk samples (a last chunk of n samples: n, sample i seeded by sample_seed)
+
+    @property
+    def rows(self) -> int:
+        return self.samples if self.last else 1
 
 
 @dataclass(frozen=True)
 class PrefillBatch:
     chunks: tuple[Chunk, ...]
+    copies: tuple[tuple[int, int], ...] = ()  # (src page, dst page) to copy before the step writes
 
 
 @dataclass(frozen=True)
@@ -60,142 +94,272 @@ class DecodeBatch:
     tokens: tuple[int, ...]  # the token each sequence feeds, at position positions[i]
     positions: tuple[int, ...]
     samplings: tuple[SamplingParams, ...]
+    copies: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
 class _Seq:
-    seq_id: int
-    req: Request
-    reserved: int  # pages
-    done: int = 0  # prompt tokens prefilled
+    seq_id: int  # the pool's key: a new one each time the sequence is admitted
+    rid: int  # the request
+    sample: int  # which of its samples (0 while a group of samples shares one prefill)
+    req: Request  # the prompt and this sample's sampling
+    tokens: list[int]  # to prefill: the prompt, then (after a preemption) the tokens generated too
+    samples: int = 1  # sequences this one stands for: n until its prompt is done and the samples fork
+    done: int = 0  # tokens prefilled or found in the prefix cache
+    started: bool = False  # a chunk of it has run
     token: int | None = None  # the next token to feed (set once the prompt is done)
+
+
+@dataclass
+class Stats:
+    """What the scheduler counted: prompt tokens submitted (each request once), prefill tokens
+    computed, tokens found in the prefix cache, sequences preempted (and recomputed)."""
+
+    prompt_tokens: int = 0
+    computed_tokens: int = 0
+    cached_tokens: int = 0
+    prompts_prefilled: int = 0  # prefills completed (a preempted sequence's again)
+    preemptions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """The share of prefilled positions read from the prefix cache rather than computed."""
+        looked = self.cached_tokens + self.computed_tokens
+        return self.cached_tokens / looked if looked else 0.0
 
 
 class Scheduler:
     def __init__(self, *, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_seq_len: int, query_block: int = 1, keep_results: bool = True):
+                 max_seq_len: int, query_block: int = 1, keep_results: bool = True, prefix_cache: bool = False,
+                 stats: Stats | None = None):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < page_size:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) is smaller than the page size "
                              f"({page_size}); give a budget of at least one page")
-        self.pool = PagePool(num_pages, page_size)
+        self.pool = PagePool(num_pages, page_size, prefix_cache=prefix_cache)
         self.max_num_seqs, self.max_num_batched_tokens, self.max_seq_len = max_num_seqs, max_num_batched_tokens, max_seq_len
         self.query_block = query_block  # each chunk takes whole blocks of this many tokens of the budget
+        self.watermark = max(1, int(WATERMARK * num_pages))
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.running: list[_Seq] = []  # admitted, in admission order
-        self.results: dict[int, Result] = {}  # by seq_id, in request order
+        self.results: dict[int, Result] = {}  # by request, in request order
         self.keep_results = keep_results  # False: a finished result is dropped once `forget_finished` runs
+        self.stats = Stats() if stats is None else stats  # a caller's, to add this run to
+        self._open: dict[int, int] = {}  # request -> samples not finished
         self._finished: list[int] = []
-        self._forgotten = 0  # results dropped so far (seq ids keep counting)
-        self.reserved = 0
+        self._forgotten = 0  # results dropped so far (request numbers keep counting)
+        self._ids = itertools.count()
+        self._copies: list[tuple[int, int]] = []  # for the next step
+        self.fork_pages = 0  # pages promised to the samples of admitted groups, for their partial last page
         self._last = None
+        self.last_sampled: list[int] = []  # the requests the last update gave a token (streaming)
+
+    def max_samples(self) -> int:
+        """The most samples a request may ask for: all run at once, each a row of the prefill step."""
+        return max(1, min(self.max_num_seqs, self.max_num_batched_tokens // self.query_block))
 
     def pages_needed(self, req: Request) -> int:
-        return self.pool.pages_for(min(len(req.prompt_ids) + req.sampling.max_new_tokens, self.max_seq_len))
+        """Pages a request's longest sequence holds, plus a copy of the prompt's partial last page
+        for each further sample."""
+        P, n = self.pool.page_size, req.sampling.n
+        partial = (n - 1) if len(req.prompt_ids) % P else 0
+        return max(self.pool.pages_for(min(len(req.prompt_ids) + req.sampling.max_new_tokens, self.max_seq_len)),
+                   self.pool.pages_for(len(req.prompt_ids)) + partial)
 
     def add(self, req: Request) -> Result:
-        """Queue a request; its Result (finish_reason "error" at once if it can never fit the pool)."""
-        result, seq_id = Result(req.key, list(req.prompt_ids)), len(self.results) + self._forgotten
-        self.results[seq_id] = result
-        need = self.pages_needed(req)
-        if need > self.pool.num_pages:
-            result.finish_reason = "error"
-            result.error = str(ValueError(
-                f"a prompt of {len(req.prompt_ids)} tokens with max_new_tokens {req.sampling.max_new_tokens} needs "
-                f"{need} pages of {self.pool.page_size} tokens; the pool has {self.pool.num_pages} pages"))
-            self._finished.append(seq_id)
+        """Queue a request; its Result (finish_reason "error" at once if it can never run)."""
+        rid = len(self.results) + self._forgotten
+        result = Result(req.key, list(req.prompt_ids))
+        self.results[rid] = result
+        n, need = req.sampling.n, self.pages_needed(req)
+        if n > 1:
+            result.samples = [Result(req.key, result.prompt_ids) for _ in range(n)]
+            result.token_ids = result.samples[0].token_ids
+        error = None
+        if n > self.max_samples():
+            error = (f"n = {n} samples is more than this engine runs at once: at most {self.max_samples()} "
+                     f"(max_num_seqs {self.max_num_seqs}, one prefill row of {self.query_block} tokens each in "
+                     f"{self.max_num_batched_tokens})")
+        elif need > self.pool.num_pages:
+            copies = f" and {n - 1} copies of its partial last page" if n > 1 and len(req.prompt_ids) % self.pool.page_size else ""
+            error = (f"a prompt of {len(req.prompt_ids)} tokens with max_new_tokens {req.sampling.max_new_tokens}"
+                     f"{copies} needs {need} pages of {self.pool.page_size} tokens; the pool has {self.pool.num_pages} pages")
+        if error:
+            result.finish_reason, result.error = "error", error
+            for r in result.samples:
+                r.finish_reason, r.error = "error", error
+            self._finished.append(rid)
         else:
-            self.waiting.append(_Seq(seq_id, req, need))
+            self.stats.prompt_tokens += len(req.prompt_ids)
+            self._open[rid] = n
+            self.waiting.append(_Seq(-1, rid, 0, req, list(req.prompt_ids), samples=n))
         return result
 
     def forget_finished(self) -> None:
         """Without keep_results, drop the results that finished (their callbacks have run): a
         stream of requests holds only what is waiting or running."""
         if not self.keep_results:
-            for seq_id in self._finished:
-                del self.results[seq_id]
+            for rid in self._finished:
+                del self.results[rid]
             self._forgotten += len(self._finished)
         self._finished = []
 
+    def _running_width(self) -> int:
+        return sum(s.samples for s in self.running)
+
+    def _fork_pages(self, s: _Seq) -> int:
+        return s.samples - 1 if s.samples > 1 and len(s.tokens) % self.pool.page_size else 0
+
     def _admit(self):
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if self.reserved + seq.reserved > self.pool.num_pages:
+        while self.waiting and self._running_width() + self.waiting[0].samples <= self.max_num_seqs:
+            s = self.waiting[0]
+            need = self.pool.pages_to_start(s.tokens) + self._fork_pages(s)
+            if need + self.fork_pages + (self.watermark if self.running else 0) > self.pool.free_pages:
                 return
             self.waiting.popleft()
-            self.reserved += seq.reserved
-            self.running.append(seq)
+            s.seq_id = next(self._ids)
+            s.done = self.pool.start(s.seq_id, s.tokens)
+            self.stats.cached_tokens += s.done
+            self.fork_pages += self._fork_pages(s)
+            self.running.append(s)
 
     def drain(self) -> None:
         """Admit nothing more: the waiting requests, and admitted ones whose prefill has not begun,
         stay unfinished (finish_reason None); sequences already started run on."""
         self.waiting.clear()
-        for s in [s for s in self.running if s.done == 0 and s.token is None]:
+        for s in [s for s in self.running if not s.started]:
             self.running.remove(s)
-            self.reserved -= s.reserved
+            self.pool.free(s.seq_id)
+            self.fork_pages -= self._fork_pages(s)
+
+    def _preempt(self, s: _Seq) -> None:
+        """s gives its pages back and waits at the head of the queue to prefill what it holds again."""
+        self.running.remove(s)
+        self.pool.free(s.seq_id)
+        result = self._result(s)
+        self.waiting.appendleft(_Seq(-1, s.rid, s.sample, s.req, list(s.req.prompt_ids) + result.token_ids))
+        self.stats.preemptions += 1
+
+    def _result(self, s: _Seq) -> Result:
+        result = self.results[s.rid]
+        return result.samples[s.sample] if result.samples else result
+
+    def _take_copies(self) -> tuple[tuple[int, int], ...]:
+        copies, self._copies = tuple(self._copies), []
+        return copies
 
     def schedule(self) -> PrefillBatch | DecodeBatch | None:
         """The next step (its pages allocated), or None when every request is done."""
         self._admit()
-        prefilling = [s for s in self.running if s.token is None]
+        prefilling = [s for s in self.running if s.token is None and self.pool.ready(s.seq_id, s.done)]
         decoding = [s for s in self.running if s.token is not None]
         if prefilling and (not decoding or self._last != "prefill"):
             self._last = "prefill"
             budget, chunks, Q = self.max_num_batched_tokens, [], self.query_block
             for s in prefilling:
-                prompt = s.req.prompt_ids
-                n = min(len(prompt) - s.done, budget // Q * Q)
+                n = min(len(s.tokens) - s.done, budget // Q * Q)
                 if n == 0:
                     break
-                self.pool.allocate(s.seq_id, n)
-                chunks.append(Chunk(s.seq_id, tuple(prompt[s.done:s.done + n]), s.done, s.done + n == len(prompt),
-                                    s.req.sampling))
-                budget -= -(-n // Q) * Q
-            return PrefillBatch(tuple(chunks))
+                last = s.done + n == len(s.tokens)
+                cost = max(-(-n // Q), s.samples if last else 1) * Q
+                if cost > budget:  # the samples' rows do not fit beside what is packed: next step
+                    continue
+                chunks.append(Chunk(s.seq_id, tuple(s.tokens[s.done:s.done + n]), s.done, last, s.req.sampling,
+                                    s.samples))
+                budget -= cost
+            if chunks:
+                return PrefillBatch(tuple(chunks), self._take_copies())
         if decoding:
             self._last = "decode"
-            for s in decoding:
-                self.pool.allocate(s.seq_id, 1)
+            self._grow(decoding)
+            decoding = [s for s in self.running if s.token is not None]
             return DecodeBatch(tuple(s.seq_id for s in decoding), tuple(s.token for s in decoding),
                                tuple(self.pool.length(s.seq_id) - 1 for s in decoding),
-                               tuple(s.req.sampling for s in decoding))
+                               tuple(s.req.sampling for s in decoding), self._take_copies())
         return None
 
+    def _grow(self, decoding: list[_Seq]) -> None:
+        """A page for each decoding sequence crossing a page boundary, preempting the newest
+        decoding sequence while the pool has none (possibly s itself, which then waits at the head
+        of the queue): the oldest is preempted only when it is the only one decoding."""
+        for s in decoding:
+            if s not in self.running:
+                continue  # preempted for an older one
+            while self.pool.new_pages(s.seq_id, 1) > self.pool.free_pages - self.fork_pages:
+                victim = max((d for d in self.running if d.token is not None), key=lambda d: (d.rid, d.sample))
+                self._preempt(victim)
+                if victim is s:
+                    break
+            if s in self.running:
+                self.pool.append(s.seq_id, [s.token])
+
     def update(self, batch: PrefillBatch | DecodeBatch, tokens) -> list[Result]:
-        """Take a step's sampled tokens (one per chunk or sequence); returns the results it finished."""
+        """Take a step's sampled tokens (one per row); returns the results it finished."""
         by_id = {s.seq_id: s for s in self.running}
+        sampled = []
         if isinstance(batch, PrefillBatch):
-            sampled = []
-            for chunk, token in zip(batch.chunks, tokens):
-                by_id[chunk.seq_id].done += len(chunk.token_ids)
+            row = 0
+            for chunk in batch.chunks:
+                s = by_id[chunk.seq_id]
+                s.done += len(chunk.token_ids)
+                s.started = True
+                self.stats.computed_tokens += len(chunk.token_ids)
+                self.pool.computed(s.seq_id, s.done)
                 if chunk.last:
-                    sampled.append((chunk.seq_id, token))
+                    self.stats.prompts_prefilled += 1
+                    sampled += list(zip(self._fork(s), tokens[row:row + chunk.rows]))
+                row += chunk.rows
         else:
-            sampled = list(zip(batch.seq_ids, tokens))
-        finished = []
-        for seq_id, token in sampled:
-            s, result = by_id[seq_id], self.results[seq_id]
-            if accept(result, s.req, int(token), self.max_seq_len):
-                self.pool.free(seq_id)
-                self.reserved -= s.reserved
+            for seq_id, token in zip(batch.seq_ids, tokens):
+                self.pool.computed(seq_id, self.pool.length(seq_id))
+                sampled.append((by_id[seq_id], token))
+        finished, self.last_sampled = [], [s.rid for s, _ in sampled]
+        for s, token in sampled:
+            if accept(self._result(s), s.req, int(token), self.max_seq_len):
+                self.pool.free(s.seq_id)
                 self.running.remove(s)
-                finished.append(result)
-                self._finished.append(seq_id)
+                self._open[s.rid] -= 1
+                if self._open[s.rid] == 0:
+                    del self._open[s.rid]
+                    result = self.results[s.rid]
+                    if result.samples:
+                        result.finish_reason = result.samples[0].finish_reason
+                    finished.append(result)
+                    self._finished.append(s.rid)
             else:
                 s.token = int(token)
         return finished
 
+    def _fork(self, s: _Seq) -> list[_Seq]:
+        """A group's sequences once its prompt is done: s as sample 0, then a new sequence per
+        further sample sharing s's pages (its partial last page copied at the next step)."""
+        if s.samples == 1:
+            return [s]
+        group, at = [s], self.running.index(s) + 1
+        self.fork_pages -= self._fork_pages(s)
+        for i in range(1, s.samples):
+            child = _Seq(next(self._ids), s.rid, i, dataclasses.replace(s.req, sampling=sample_sampling(s.req.sampling, i)),
+                         s.tokens, done=s.done, started=True)
+            copy = self.pool.fork(s.seq_id, child.seq_id)
+            if copy is not None:
+                self._copies.append(copy)
+            group.append(child)
+        s.samples = 1
+        s.req = dataclasses.replace(s.req, sampling=sample_sampling(s.req.sampling, 0))
+        self.running[at:at] = group[1:]
+        return group
+
 
 def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result], None] | None = None,
         on_step: Callable[[PrefillBatch | DecodeBatch, Scheduler], None] | None = None,
-        on_token: Callable[[Result], None] | None = None, control=None) -> list[Result]:
+        on_token: Callable[[Result], None] | None = None, control=None, stats: Stats | None = None) -> list[Result]:
     """Generate for every request; results in request order (a request that can never fit the pool
     has finish_reason "error" and its message in `error`). `on_result` sees each as it finishes,
     `on_step(batch, scheduler)` each step after its tokens are taken, `on_token(result)` each
     request after each token it takes (streaming; a stop token is not added). `control`
     (engine/job_control.py) may drain or stop the loop: requests it leaves unfinished have
-    finish_reason None.
+    finish_reason None. `stats` (a Stats) adds this run's counts to the caller's.
 
     `requests` as a list or tuple: every prompt is checked before any work. As any other iterable
     (a stream, e.g. a job's input): requests are taken as the queue runs short (LOOKAHEAD per
@@ -204,7 +368,8 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
     streamed = not isinstance(requests, (list, tuple))
     sched = Scheduler(num_pages=engine.num_pages, page_size=engine.page_size, max_num_seqs=engine.max_num_seqs,
                       max_num_batched_tokens=engine.max_num_batched_tokens, max_seq_len=engine.max_seq_len,
-                      query_block=engine.query_block, keep_results=not streamed)
+                      query_block=engine.query_block, keep_results=not streamed,
+                      prefix_cache=getattr(engine, "prefix_cache", False), stats=stats)
     if not streamed:
         for req in requests:
             engine.check_prompt(req.prompt_ids)
@@ -231,16 +396,18 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
         if admit:
             take()
         if (batch := sched.schedule()) is None:
+            if sched.running or sched.waiting:  # every rule above leaves something to run: a bug if not
+                raise RuntimeError(f"the scheduler found no step for {len(sched.running)} running and "
+                                   f"{len(sched.waiting)} waiting sequences")
             break
         step = engine.prefill if isinstance(batch, PrefillBatch) else engine.decode
         tokens = to_host(step(params, batch, sched.pool)[0])
         finished = sched.update(batch, tokens)
-        rows = batch.seq_ids if isinstance(batch, DecodeBatch) else [c.seq_id for c in batch.chunks]
+        rows = batch.seq_ids if isinstance(batch, DecodeBatch) else [c.seq_id for c in batch.chunks for _ in range(c.rows)]
         last = (rows, tokens[:len(rows)])
         if on_token is not None:
-            sampled = batch.seq_ids if isinstance(batch, DecodeBatch) else [c.seq_id for c in batch.chunks if c.last]
-            for seq_id in sampled:
-                on_token(sched.results[seq_id])
+            for rid in dict.fromkeys(sched.last_sampled):
+                on_token(sched.results[rid])
         if on_step is not None:
             on_step(batch, sched)
         for result in finished:

@@ -48,6 +48,7 @@ def test_drain_finishes_started_sequences_and_admits_no_more(loop):
         out = scheduler.run(engine, None, reqs, on_token=on_token, control=control)
     else:
         out = batching.run(MockEngine(batch_size=3), None, reqs, on_token=on_token, control=control)
+    want = MockPagedEngine.expected if loop == "paged" else MockEngine.expected
     assert control.decisions[:3] == [GO] * 3 and set(control.decisions[3:]) == {DRAIN}
     started = set().union(*(keys for step, keys in seen.items() if step < 4))
     finished = {r.key for r in out if r.finish_reason is not None}
@@ -56,14 +57,14 @@ def test_drain_finishes_started_sequences_and_admits_no_more(loop):
     assert len(finished) < len(reqs), "the drain admitted every request anyway"
     for r, req in zip(out, reqs):  # finished ones have every token they would have had
         if r.finish_reason is not None:
-            assert r.token_ids == MockEngine.expected(req.prompt_ids, 6) and r.finish_reason == "length"
+            assert r.token_ids == want(req.prompt_ids, 6) and r.finish_reason == "length"
         else:
             assert r.token_ids == []
     # What the drain left is exactly what a rerun has to do.
     rest = [req for r, req in zip(out, reqs) if r.finish_reason is None]
     again = scheduler.run(MockPagedEngine(page_size=4, num_pages=200, max_num_seqs=3, max_num_batched_tokens=8),
                           None, rest)
-    assert [r.token_ids for r in again] == [MockEngine.expected(q.prompt_ids, 6) for q in rest]
+    assert [r.token_ids for r in again] == [MockPagedEngine.expected(q.prompt_ids, 6) for q in rest]
 
 
 @pytest.mark.parametrize("loop", ["paged", "slots"])
@@ -85,7 +86,7 @@ def test_no_signal_changes_nothing():
     engine = MockPagedEngine(page_size=4, num_pages=200, max_num_seqs=3, max_num_batched_tokens=8)
     control = JobControl()
     out = scheduler.run(engine, None, reqs, control=control)
-    assert [r.token_ids for r in out] == [MockEngine.expected(q.prompt_ids, 6) for q in reqs]
+    assert [r.token_ids for r in out] == [MockPagedEngine.expected(q.prompt_ids, 6) for q in reqs]
     assert not control.drained and control.steps > 10
 
 

@@ -149,6 +149,14 @@ def test_a_row_samples_the_same_token_whatever_its_slot_and_neighbours():
                        jnp.array([0, 0, 0], jnp.int32), jnp.array([1.0, 0.3, 1.0]),
                        row_keys(jnp.array([5, 6, seed], jnp.int32), jnp.array([40, 1, 12])))
         assert int(a[0]) == int(b[2])
+        # Alone (no row in the batch filters, so no sort runs) it draws the same token too.
+        c = sample_jit(jnp.asarray(row[None]), jnp.array([1.0]), jnp.array([0], jnp.int32), jnp.array([1.0]),
+                       row_keys(jnp.array([seed], jnp.int32), jnp.array([12])))
+        assert int(c[0]) == int(a[0])
+        # And a filtering row draws the same beside a plain row as alone.
+        d = sample_jit(jnp.asarray(others[:1]), jnp.array([0.7]), jnp.array([5], jnp.int32), jnp.array([0.9]),
+                       row_keys(jnp.array([99], jnp.int32), jnp.array([3])))
+        assert int(d[0]) == int(a[1])
 
 
 def test_same_key_same_tokens_other_seed_other_tokens_same_distribution():
