@@ -40,11 +40,16 @@ def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
 
 
+def _n_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--n", type=int, default=1, help=f"samples of each {what}, its prompt prefilled once (default 1; "
+                   "sample i is seeded from --seed and i)")
+
+
 def _sampling(args):
     from shardlm.engine.sampling import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+                          max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, n=getattr(args, "n", 1))
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +67,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="KV pages in the pool (default: what --memory-fraction leaves beside the weights)")
     p.add_argument("--memory-fraction", type=float, default=None,
                    help="share of a device's memory for weights and KV pages (default 0.9 on GPU/TPU, 0.1 on CPU)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every prompt whole (default: prompts that begin alike share that prefix's KV pages)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. x=2,y=2,z=2 (default: one device)")
     p.add_argument("--layout", default=None, help="layout for both phases (see `shardlm layouts`)")
     p.add_argument("--prefill-layout", default=None, help="layout for prefill only")
@@ -131,7 +138,8 @@ def _load_llm(args):
                        batch_size=args.batch_size, max_seq_len=args.max_seq_len, progress=bar.update,
                        quantize=args.quantize, kv_cache=args.kv_cache, microbatches=args.microbatches,
                        max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size,
-                       kv_pages=args.kv_pages, memory_fraction=args.memory_fraction)
+                       kv_pages=args.kv_pages, memory_fraction=args.memory_fraction,
+                       prefix_cache=not args.no_prefix_cache)
     mesh = dict(llm.placement.mesh.shape)
     _status(f"mesh {','.join(f'{k}={v}' for k, v in mesh.items() if v > 1) or 'one device'}; "
             f"prefill layout {llm.layouts[0]}, decode layout {llm.layouts[1]}")
@@ -196,7 +204,7 @@ def _run_requests(llm, requests, *, on_token=None, on_result=None):
 
     completions = llm.run(requests, on_token=token, on_result=on_result)
     wall = time.perf_counter() - t0
-    generated = sum(len(c.token_ids) for c in completions)
+    generated = sum(len(s.token_ids) for c in completions for s in c.outputs)
     prompt = sum(len(c.prompt_token_ids) for c in completions)
     cut = sum(c.finish_reason == "length" for c in completions)
     _status(f"{prompt} prompt tokens, {generated} generated tokens in {wall:.2f} s ({generated / wall:.1f} tokens/s), "
@@ -223,6 +231,14 @@ def cmd_generate(args) -> int:
     if args.json:
         for prompt, c in zip(prompts, _run_requests(llm, requests)):
             print(json.dumps({"prompt": prompt, **completion_record(c)}), flush=True)
+    elif sampling.n > 1:  # each prompt's samples, whole, as the prompt finishes
+        def show_samples(i, c):
+            for s in c.outputs:
+                cut = "\n[cut by length]" if s.finish_reason == "length" else ""
+                print(f"=== [{i + 1}/{len(prompts)}] sample {s.index + 1}/{sampling.n}: {prompts[i]}\n{s.text}{cut}\n",
+                      flush=True)
+
+        _run_requests(llm, requests, on_result=show_samples)
     elif len(prompts) == 1:  # streamed as generated
         stream = _Stream(llm)  # finished when the request ends, so the text's last line precedes the summary
         _run_requests(llm, requests, on_token=lambda key, ids: stream.update(ids),
@@ -642,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="apply the model's chat template (one user turn per prompt)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     g.add_argument("--quiet", action="store_true", help="no status lines or summary on stderr")
+    _n_arg(g, "prompt")
     g.add_argument("prompts", nargs="+", metavar="PROMPT", help="text; - reads it from stdin")
     g.set_defaults(func=cmd_generate)
 
@@ -702,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", required=True, help="JSONL results, appended; a rerun skips ids already done")
     _model_args(r)
     _sampling_args(r)
+    _n_arg(r, 'line (a line\'s own "n" wins)')
     r.add_argument("--chat", action="store_true", help='apply the chat template to "prompt" lines too')
     r.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host without auto-detection)")
     r.add_argument("--num-processes", type=int, default=None, help="processes in the job")

@@ -37,11 +37,11 @@ import jax
 import numpy as np
 
 from shardlm.checkpoints.orbax_io import can_create_files_in
-from shardlm.engine import batching
+from shardlm.engine import batching, scheduler
 from shardlm.engine.llm import completion_record
 from shardlm.engine.sampling import SamplingParams
 
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "stop_token_ids")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "stop_token_ids", "n")
 _KNOWN_FIELDS = ("id", "prompt", "messages") + SAMPLING_FIELDS
 
 
@@ -197,7 +197,7 @@ def scan_input(path: str) -> InputIndex:
                       first_line)
 
 
-_EXPECTED = {"max_new_tokens": "an integer", "top_k": "an integer", "seed": "an integer",
+_EXPECTED = {"max_new_tokens": "an integer", "top_k": "an integer", "seed": "an integer", "n": "an integer",
              "temperature": "a number", "top_p": "a number", "ignore_eos": "true or false",
              "stop_token_ids": "a list of integers"}
 
@@ -454,16 +454,18 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
     bar = _progress_bar(to_do, enabled=writer and progress)
     t0 = time.perf_counter()
     stats = {"generated": 0, "prompt_tokens": 0, "completion_tokens": 0, "finished": 0, "errors": 0}
+    counts = scheduler.Stats()  # the paged scheduler's: prefill computed and cached, preemptions
 
     def on_step(n_tokens: int) -> None:
         stats["generated"] += n_tokens
         if bar is not None:
-            bar.set_postfix_str(f"{stats['generated'] / (time.perf_counter() - t0):.1f} tok/s", refresh=False)
+            cache = f", prefix cache hit {counts.hit_rate:.0%}" if llm.paged and llm.engine.prefix_cache else ""
+            bar.set_postfix_str(f"{stats['generated'] / (time.perf_counter() - t0):.1f} tok/s{cache}", refresh=False)
 
     def on_result(line: Line, completion) -> None:
         stats["finished"] += 1
         stats["prompt_tokens"] += len(completion.prompt_token_ids)
-        stats["completion_tokens"] += len(completion.token_ids)
+        stats["completion_tokens"] += sum(len(s.token_ids) for s in completion.outputs)
         if out is not None:
             record = {"id": line.id, **completion_record(completion)}
             if control is None:
@@ -485,7 +487,7 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
                 bar.update(1)
 
     try:
-        llm.run(requests(), on_result=on_result, on_step=on_step, control=control)
+        llm.run(requests(), on_result=on_result, on_step=on_step, control=control, stats=counts)
         if control is not None:
             control.finish()
     finally:
@@ -499,7 +501,8 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
             "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"], "wall_s": wall,
             "completions_per_s": finished / wall if wall > 0 else 0.0,
             "tokens_per_s": stats["completion_tokens"] / wall if wall > 0 else 0.0,
-            "preempted": bool(pending and control is not None and control.drained)}
+            "preempted": bool(pending and control is not None and control.drained),
+            **prefill_record(counts, llm.paged and llm.engine.prefix_cache)}
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -551,6 +554,19 @@ def check_summary_path(path: str) -> None:
         raise ValueError(f"--summary {path!r}: its folder {folder} is not writable")
 
 
+PREFILL_FIELDS = ("prefix_cache_hit_rate", "prompt_tokens_submitted", "prefill_tokens_computed",
+                  "prefill_tokens_cached", "kv_preemptions")
+
+
+def prefill_record(counts: scheduler.Stats, prefix_cache: bool) -> dict:
+    """What the scheduler counted, for the summary: the prefix cache's hit rate (None when it is
+    off), prompt tokens submitted against prefill tokens computed and read from the cache, and the
+    sequences preempted for KV pages and recomputed."""
+    return {"prefix_cache_hit_rate": round(counts.hit_rate, 4) if prefix_cache else None,
+            "prompt_tokens_submitted": counts.prompt_tokens, "prefill_tokens_computed": counts.computed_tokens,
+            "prefill_tokens_cached": counts.cached_tokens, "kv_preemptions": counts.preemptions}
+
+
 def summary_record(s: dict, *, input_path: str, output_path: str, compile_s: float, previous: str | None = None) -> dict:
     """The --summary JSON of a run_job summary: what is done, errored and pending, tokens, time,
     throughput, compile time, and the preemptions of this job so far (counted across reruns that
@@ -569,7 +585,7 @@ def summary_record(s: dict, *, input_path: str, output_path: str, compile_s: flo
             "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
             "wall_s": round(s["wall_s"], 3), "completions_per_s": round(s["completions_per_s"], 3),
             "tokens_per_s": round(s["tokens_per_s"], 2), "compile_s": round(compile_s, 3),
-            "prefix_cache_hit_rate": None,  # no prefix cache in this engine: nothing to report
+            **{k: s[k] for k in PREFILL_FIELDS},
             "preempted": s["preempted"], "preemptions": preemptions}
 
 
@@ -584,6 +600,12 @@ def write_summary(path: str, record: dict) -> None:
 
 def format_summary(s: dict) -> str:
     pending = f", {s['pending']} pending" if s.get("pending") else ""
+    cache = ""
+    if s.get("prompt_tokens_submitted"):
+        hit = s["prefix_cache_hit_rate"]
+        cache = (f"; {'' if hit is None else f'prefix cache hit {hit:.0%}, '}{s['prefill_tokens_computed']} of "
+                 f"{s['prompt_tokens_submitted']} prompt tokens computed"
+                 + (f", {s['kv_preemptions']} sequences preempted and recomputed" if s["kv_preemptions"] else ""))
     return (f"{s['prompts']} prompts done, {s['errors']} error records{pending}, {s['skipped']} already done; "
             f"{s['prompt_tokens']} prompt and {s['completion_tokens']} generated tokens in {s['wall_s']:.1f} s: "
-            f"{s['completions_per_s']:.2f} completions/s, {s['tokens_per_s']:.1f} generated tokens/s")
+            f"{s['completions_per_s']:.2f} completions/s, {s['tokens_per_s']:.1f} generated tokens/s{cache}")

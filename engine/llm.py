@@ -19,7 +19,7 @@ from shardlm.models import quant
 from shardlm.sharding.pipeline import check_not_quantized
 from shardlm.sharding.placement import Placement
 
-__all__ = ["LLM", "Completion", "Placement", "completion_record", "parse_dtype"]
+__all__ = ["LLM", "Completion", "Placement", "Sample", "completion_record", "parse_dtype"]
 
 DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
@@ -53,15 +53,35 @@ def check_text(text: str, what: str = "prompt") -> None:
 
 
 @dataclass
+class Sample:
+    """One of the n samples of a request (SamplingParams.n)."""
+
+    index: int
+    text: str
+    token_ids: list[int]  # generated ids, without the stop token
+    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens or the context is full)
+
+
+@dataclass
 class Completion:
+    """One request's result. text, token_ids and finish_reason are its first sample's; `outputs`
+    holds every sample (one when n = 1)."""
+
     text: str
     token_ids: list[int]  # generated ids, without the stop token
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens or the context is full)
     prompt_token_ids: list[int]
+    outputs: list[Sample] = dataclasses.field(default_factory=list)
 
 
 def completion_record(c: Completion) -> dict:
-    """The fields every output of a completion carries (`generate --json`, job records)."""
+    """The fields every output of a completion carries (`generate --json`, job records): n = 1 its
+    text, token ids and finish reason; n > 1 a "choices" list of them, one per sample."""
+    if len(c.outputs) > 1:
+        choices = [{"index": s.index, "text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason,
+                    "completion_tokens": len(s.token_ids)} for s in c.outputs]
+        return {"choices": choices, "prompt_tokens": len(c.prompt_token_ids),
+                "completion_tokens": sum(len(s.token_ids) for s in c.outputs)}
     return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
             "prompt_tokens": len(c.prompt_token_ids), "completion_tokens": len(c.token_ids)}
 
@@ -95,7 +115,8 @@ class LLM:
              progress: Callable[[int], None] | None = None, microbatches: int | None = None,
              quantize: str | None = None, kv_cache: str | None = None, max_num_seqs: int | None = None,
              max_num_batched_tokens: int | None = None, page_size: int | None = None,
-             kv_pages: int | None = None, memory_fraction: float | None = None) -> "LLM":
+             kv_pages: int | None = None, memory_fraction: float | None = None,
+             prefix_cache: bool = True) -> "LLM":
         """Load a model onto a mesh: a GGUF file (None: the embedded SmolLM2-135M-Instruct), a Hugging
         Face folder (config.json, *.safetensors, tokenizer.json) or a shardlm checkpoint folder
         (`shardlm convert`), each array read straight into its shards.
@@ -119,6 +140,8 @@ class LLM:
         quantize: None or "int8": int8 weights with per-output-channel scales, quantized while
         loading (projections, embedding and lm_head; see models/quant.py).
         kv_cache: None (the model's dtype) or "int8": int8 keys/values with per-token, per-head scales.
+        prefix_cache: requests whose prompts begin alike share the KV pages of that prefix, computed
+        once (engine/kv_pages.py); False computes every prompt whole.
         """
         dtype = None if dtype is None else parse_dtype(dtype)  # None: a shardlm checkpoint's saved dtype
         quantize, kv_cache = quant.check_mode(quantize), quant.check_kv_mode(kv_cache)
@@ -126,7 +149,7 @@ class LLM:
         config = loader.read_config(model)
         check_max_seq_len(max_seq_len, config)  # before the (slow) load
         pool = dict(max_num_seqs=_seqs(batch_size, max_num_seqs), max_num_batched_tokens=max_num_batched_tokens,
-                    page_size=page_size, kv_pages=kv_pages, memory_fraction=memory_fraction)
+                    page_size=page_size, kv_pages=kv_pages, memory_fraction=memory_fraction, prefix_cache=prefix_cache)
         check_settings(page_size=page_size, num_pages=kv_pages, max_num_batched_tokens=max_num_batched_tokens,
                        memory_fraction=memory_fraction)  # before the (slow) load
         placement = Placement.make(config, mesh_shape=mesh_shape, layout=layout,
@@ -151,7 +174,8 @@ class LLM:
                                  cache_dtype=cache_dtype, page_size=pool.get("page_size"), num_pages=pool.get("kv_pages"),
                                  max_num_seqs=pool.get("max_num_seqs"),
                                  max_num_batched_tokens=pool.get("max_num_batched_tokens"),
-                                 memory_fraction=pool.get("memory_fraction"))
+                                 memory_fraction=pool.get("memory_fraction"),
+                                 prefix_cache=pool.get("prefix_cache", True))
         # The engine holds the parameters (stacked under a pipeline): drop the loader's module.
         return cls(dataclasses.replace(loaded, model=None), engine)
 
@@ -173,7 +197,8 @@ class LLM:
                                     source=self.source)
         pool = {"max_num_seqs": batch_size}
         if self.paged:
-            pool.update(page_size=self.engine.page_size, max_num_batched_tokens=self.engine.max_num_batched_tokens)
+            pool.update(page_size=self.engine.page_size, max_num_batched_tokens=self.engine.max_num_batched_tokens,
+                        prefix_cache=self.engine.prefix_cache)
         return self._build(loaded, placement, max_seq_len or self.engine.max_seq_len, self.engine.cache_dtype, pool)
 
     def first_layers(self, n: int) -> "LLM":
@@ -188,7 +213,8 @@ class LLM:
         loaded = loader.LoadedModel(config=cfg, model=model, tokenizer=self.tokenizer, source=self.source)
         pool = {"max_num_seqs": self.engine.batch_size}
         if self.paged:
-            pool.update(page_size=self.engine.page_size, max_num_batched_tokens=self.engine.max_num_batched_tokens)
+            pool.update(page_size=self.engine.page_size, max_num_batched_tokens=self.engine.max_num_batched_tokens,
+                        prefix_cache=self.engine.prefix_cache)
         return self._build(loaded, Placement.make(cfg, batch_size=self.engine.batch_size), self.engine.max_seq_len,
                            self.engine.cache_dtype, pool)
 
@@ -238,21 +264,29 @@ class LLM:
                 key=None) -> batching.Request:
         """One request: the prompt encoded and checked once (see `encode`), with its sampling."""
         sampling = sampling or SamplingParams()
+        if sampling.n > 1 and not self.paged:
+            raise ValueError(f"n = {sampling.n} samples needs the paged KV cache, which pipeline stages do not use; "
+                             f"give n = 1")
+        if self.paged:
+            self.engine.check_samples(sampling.n)
         ids = self.encode(prompt, chat)
         if self.paged:
-            self.engine.check_fits(len(ids), sampling.max_new_tokens)
+            self.engine.check_fits(len(ids), sampling.max_new_tokens, sampling.n)
         return batching.Request(ids, sampling, self.stop_token_ids, key=key)
 
     def run(self, requests: Iterable[batching.Request], *, on_result: Callable[[object, Completion], None] | None = None,
             on_step: Callable[[int], None] | None = None,
-            on_token: Callable[[object, list[int]], None] | None = None, control=None) -> list[Completion]:
+            on_token: Callable[[object, list[int]], None] | None = None, control=None,
+            stats: scheduler.Stats | None = None) -> list[Completion]:
         """Complete requests (from `request`) through continuous batching; Completions in request
         order. `on_result(key, completion)` sees each as it finishes, `on_step(n)` each step that
         makes tokens (n of them), `on_token(key, token_ids)` a request's generated ids so far after
         each token (streaming). `control`, a job_control.JobControl, may drain or stop the run
         (jobs): the requests it leaves unfinished come back with finish_reason None. `requests` as
         a list or tuple is checked whole first; any other iterable is a stream, taken as slots free
-        up, its results seen only through on_result (the returned list is empty)."""
+        up, its results seen only through on_result (the returned list is empty). `stats`, a
+        scheduler.Stats, adds up what the paged scheduler counted (prefill tokens computed and found
+        in the prefix cache, preemptions)."""
         def finished(result: batching.Result) -> None:
             if on_result is not None:
                 on_result(result.key, self._completion(result))
@@ -271,19 +305,22 @@ class LLM:
 
         if isinstance(requests, (list, tuple)):  # page arithmetic only: a hand-made Request that cannot fit
             for r in requests:  # fails before any work (a stream's requests come from `request`, checked there)
-                self.engine.check_fits(len(r.prompt_ids), r.sampling.max_new_tokens)
+                self.engine.check_samples(r.sampling.n)
+                self.engine.check_fits(len(r.prompt_ids), r.sampling.max_new_tokens, r.sampling.n)
         results = scheduler.run(self.engine, self.params, requests, on_result=finished, on_step=stepped,
-                                on_token=streamed, control=control)
+                                on_token=streamed, control=control, stats=stats)
         return [self._completion(r) for r in results]
 
     def _completion(self, r: batching.Result) -> Completion:
-        return Completion(text=self.decode(r.token_ids), token_ids=r.token_ids, finish_reason=r.finish_reason,
-                          prompt_token_ids=r.prompt_ids)
+        samples = [Sample(i, self.decode(s.token_ids), s.token_ids, s.finish_reason)
+                   for i, s in enumerate(r.samples or [r])]
+        return Completion(text=samples[0].text, token_ids=r.token_ids, finish_reason=r.finish_reason,
+                          prompt_token_ids=r.prompt_ids, outputs=samples)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, chat: bool = False, on_step: Callable[[int], None] | None = None) -> list[Completion]:
         """Complete each prompt (text, token ids or chat messages); one SamplingParams for all or one
-        per prompt."""
+        per prompt. One Completion per prompt, its n samples in `outputs`."""
         prompts = prompts if isinstance(prompts, str) else list(prompts)
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (numbers.Integral, dict))):
             prompts = [prompts]

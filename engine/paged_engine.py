@@ -41,7 +41,7 @@ from shardlm.engine.engine import TRACES, Step, check_prompt, forward_step
 from shardlm.engine.kv_cache import PagedKVCache
 from shardlm.engine.kv_pages import PagePool
 from shardlm.engine.sampling import SamplingParams, row_keys, sample
-from shardlm.engine.scheduler import Chunk, DecodeBatch, PrefillBatch
+from shardlm.engine.scheduler import Chunk, DecodeBatch, PrefillBatch, sample_sampling
 from shardlm.models import quant
 from shardlm.models.kv_views import PageMeta
 from shardlm.models.paged_attention import KV_PAGES_AXES
@@ -260,7 +260,15 @@ def _decode(step: Step, params, k, v, tokens, positions, meta: PageMeta, tempera
         return *_shard_pools(cache.k, cache.v), shard(out, ("batch",)), logits
 
 
+def _copy_pages(step: Step, k, v, src, dst):
+    """Every layer's pages src [C] copied onto dst [C] (a forked sample's partial last page)."""
+    with use_rules(step.mesh, step.rules):
+        copy = lambda a: a.at[dst].set(a[src])  # noqa: E731
+        return _shard_pools(jax.tree.map(copy, k), jax.tree.map(copy, v))
+
+
 init_pools_step = jax.jit(_init_pools, static_argnums=(0, 1, 2))
+copy_pages_step = jax.jit(_copy_pages, static_argnums=0, donate_argnames=("k", "v"))
 paged_prefill_step = jax.jit(_prefill, static_argnums=0, donate_argnames=("k", "v"))
 paged_decode_step = jax.jit(_decode, static_argnums=0, donate_argnames=("k", "v"))
 
@@ -270,13 +278,15 @@ class PagedEngine:
     pool and the scheduler's limits from the device's memory (see `plan_pool`; any of page_size,
     num_pages, max_num_seqs, max_num_batched_tokens, memory_fraction given is kept, and
     max_seq_len defaults to the model's context); `scheduler.run(engine, engine.params, requests)`
-    generates. cache_dtype jnp.int8: int8 pages with per-token, per-head scales."""
+    generates. cache_dtype jnp.int8: int8 pages with per-token, per-head scales. prefix_cache:
+    requests share the pages of a prefix already computed (engine/kv_pages.py)."""
 
     def __init__(self, model: nnx.Module, *, placement: Placement | None = None, page_size: int | None = None,
                  num_pages: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, max_seq_len: int | None = None,
-                 memory_fraction: float | None = None, cache_dtype=None):
+                 memory_fraction: float | None = None, cache_dtype=None, prefix_cache: bool = True):
         cfg = model.cfg
+        self.prefix_cache = bool(prefix_cache)  # the scheduler's pool keys full pages by their prefix
         max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 1 < max_seq_len <= cfg.max_seq_len:
             raise ValueError(f"max_seq_len must be an integer in [2, {cfg.max_seq_len}] for {cfg.name}, "
@@ -330,44 +340,73 @@ class PagedEngine:
     def check_prompt(self, tokens) -> None:
         check_prompt(tokens, self.max_seq_len, self.cfg.vocab_size)
 
-    def check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
-        """A prompt of n_prompt tokens (already checked) that, with its max_new_tokens, fits the pool."""
-        need = -(-min(n_prompt + max_new_tokens, self.max_seq_len) // self.page_size)
+    def check_fits(self, n_prompt: int, max_new_tokens: int, n: int = 1) -> None:
+        """A prompt of n_prompt tokens (already checked) that, with its max_new_tokens, fits the pool
+        (n samples: with a copy of the prompt's partial last page for each further one)."""
+        P = self.page_size
+        copies = n - 1 if n > 1 and n_prompt % P else 0
+        need = max(-(-min(n_prompt + max_new_tokens, self.max_seq_len) // P), -(-n_prompt // P) + copies)
         if need > self.num_pages:
-            raise ValueError(f"a prompt of {n_prompt} tokens with max_new_tokens {max_new_tokens} needs {need} "
-                             f"KV pages of {self.page_size} tokens; the pool has {self.num_pages} "
+            also = f" and {copies} copies of its partial last page (n = {n})" if copies else ""
+            raise ValueError(f"a prompt of {n_prompt} tokens with max_new_tokens {max_new_tokens}{also} needs {need} "
+                             f"KV pages of {P} tokens; the pool has {self.num_pages} "
                              f"(give more kv_pages or a larger memory fraction)")
+
+    def max_samples(self) -> int:
+        """The most samples (SamplingParams.n) a request may ask for: all are decoded at once, and
+        each first token is a row of the prefill step (a block of QUERY_BLOCK tokens of its budget)."""
+        return max(1, min(self.max_num_seqs, self.max_num_batched_tokens // self.query_block))
+
+    def check_samples(self, n: int) -> None:
+        if n > self.max_samples():
+            raise ValueError(f"n = {n} samples is more than this engine runs at once: at most {self.max_samples()} "
+                             f"(max_num_seqs {self.max_num_seqs}, one prefill row of {self.query_block} tokens each "
+                             f"in {self.max_num_batched_tokens})")
 
     def new_pool(self) -> PagePool:
         """A host PagePool for this engine's pools (scheduler.run makes its own)."""
-        return PagePool(self.num_pages, self.page_size)
+        return PagePool(self.num_pages, self.page_size, prefix_cache=self.prefix_cache)
+
+    def _copy(self, copies) -> None:
+        """Apply a step's page copies (padded to a batch bucket by repeating the first: the same
+        value written twice)."""
+        if not copies:
+            return
+        C = _pick(self.batch_buckets, len(copies))
+        pairs = np.asarray(list(copies) + [copies[0]] * (C - len(copies)), np.int32)
+        self.k, self.v = copy_pages_step(self.decode_spec, self.k, self.v, pairs[:, 0], pairs[:, 1])
 
     def prefill(self, params, batch: PrefillBatch, pool: PagePool):
         """Run the batch's chunks (their pages allocated in `pool`) in one packed row, each chunk from
         a multiple of QUERY_BLOCK. Returns (tokens [Bp], logits [Bp, V]) on device: row i is chunk
         i's first token (meaningful where chunk.last) and the logits at its last position."""
         chunks, Q = batch.chunks, self.query_block
-        if not 0 < len(chunks) <= self.max_num_seqs:
-            raise ValueError(f"a prefill step takes 1..{self.max_num_seqs} chunks, got {len(chunks)}")
-        T = self.row_bucket([len(c.token_ids) for c in chunks])
+        n_rows = sum(c.rows for c in chunks)
+        if not 0 < n_rows <= self.max_num_seqs:
+            raise ValueError(f"a prefill step samples 1..{self.max_num_seqs} rows, got {n_rows}")
+        T = self.row_bucket([len(c.token_ids) for c in chunks], [c.rows for c in chunks])
         Bp = self.prefill_rows(T)
+        self._copy(batch.copies)
         tokens, positions = np.zeros((1, T), np.int32), np.zeros((1, T), np.int32)
         q_pos, slots = np.full(T, -1, np.int32), np.full(T, -1, np.int32)
         block_seq = np.full(T // Q, -1, np.int32)
         last = np.zeros(Bp, np.int32)
-        at = 0
-        for r, c in enumerate(chunks):
-            n = len(c.token_ids)
+        rows, samplings, at = [], [], 0
+        for c in chunks:
+            n, r = len(c.token_ids), len(rows)
             tokens[0, at:at + n] = c.token_ids
             positions[0, at:at + n] = q_pos[at:at + n] = np.arange(c.start, c.start + n)
             slots[at:at + n] = pool.slot_mapping(c.seq_id, c.start, n)
             block_seq[at // Q:-(-(at + n) // Q)] = r
-            last[r] = at + n - 1
-            at += -(-n // Q) * Q
-        rows = [c.seq_id for c in chunks] + [None] * (Bp - len(chunks))
+            # Row r attends; rows r + 1 .. r + rows - 1 (further samples) only sample the same last position.
+            last[r:r + c.rows] = at + n - 1
+            rows += [c.seq_id] * c.rows
+            samplings += [c.sampling] if c.rows == 1 else [sample_sampling(c.sampling, i) for i in range(c.rows)]
+            at += max(-(-n // Q), c.rows) * Q
+        rows += [None] * (Bp - len(rows))
         meta = PageMeta(slots, pool.page_table_array(rows, self.max_pages), pool.lengths_array(rows), block_seq, q_pos)
         self.k, self.v, out, logits = paged_prefill_step(self.prefill_spec, params, self.k, self.v, tokens, positions,
-                                                         meta, last, *_sampling([c.sampling for c in chunks], Bp))
+                                                         meta, last, *_sampling(samplings, Bp))
         return out, logits
 
     def decode(self, params, batch: DecodeBatch, pool: PagePool):
@@ -377,6 +416,7 @@ class PagedEngine:
         if not 0 < n <= self.max_num_seqs:
             raise ValueError(f"a decode step takes 1..{self.max_num_seqs} sequences, got {n}")
         B = _pick(self.batch_buckets, n)
+        self._copy(batch.copies)
         rows = list(batch.seq_ids) + [None] * (B - n)
         tokens, positions, slots = np.zeros(B, np.int32), np.zeros(B, np.int32), np.full(B, -1, np.int32)
         tokens[:n], positions[:n] = batch.tokens, batch.positions
@@ -391,11 +431,12 @@ class PagedEngine:
         """Rows a prefill step of T tokens samples: each chunk takes at least one query block."""
         return min(self.max_num_seqs, T // self.query_block)
 
-    def row_bucket(self, lengths) -> int:
+    def row_bucket(self, lengths, rows=None) -> int:
         """The token bucket of a prefill row holding chunks of these lengths (each whole blocks of
-        QUERY_BLOCK tokens)."""
+        QUERY_BLOCK tokens, and at least a block for each row it samples)."""
         Q = self.query_block
-        n_tokens = sum(-(-n // Q) * Q for n in lengths)
+        rows = rows or [1] * len(lengths)
+        n_tokens = sum(max(-(-n // Q), r) * Q for n, r in zip(lengths, rows))
         if n_tokens > self.max_num_batched_tokens:
             raise ValueError(f"a prefill step takes {self.max_num_batched_tokens} tokens in all (each chunk rounded "
                              f"up to {Q}), got {n_tokens}")
@@ -420,7 +461,11 @@ class PagedEngine:
 
     def _lowered(self, phase: str, bucket: int | None = None):
         """One step lowered for its bucket: "decode" at batch bucket `bucket` (default max_num_seqs)
-        or "prefill" at token bucket `bucket` (default the smallest), on padding-only inputs."""
+        or "prefill" at token bucket `bucket` (default the smallest), on padding-only inputs; "copy"
+        of `bucket` pages (forked samples)."""
+        if phase == "copy":
+            pages = np.zeros(bucket or 1, np.int32)
+            return copy_pages_step.lower(self.decode_spec, self.k, self.v, pages, pages)
         if phase == "decode":
             B = bucket or self.max_num_seqs
             meta = PageMeta(np.full(B, -1, np.int32), np.zeros((B, self.max_pages), np.int32), np.zeros(B, np.int32))
@@ -434,7 +479,7 @@ class PagedEngine:
             return paged_prefill_step.lower(self.prefill_spec, self.params, self.k, self.v, np.zeros((1, T), np.int32),
                                             np.zeros((1, T), np.int32), meta, np.zeros(Bp, np.int32),
                                             *_sampling([], Bp))
-        raise ValueError(f"phase must be decode or prefill, got {phase!r}")
+        raise ValueError(f"phase must be decode, prefill or copy, got {phase!r}")
 
     def compiled_text(self, phase: str = "decode", bucket: int | None = None) -> str:
         """The optimized HLO of one step: "decode" (at batch bucket `bucket`, default max_num_seqs)
@@ -443,8 +488,11 @@ class PagedEngine:
         return self._lowered(phase, bucket).compile().as_text()
 
     def programs(self) -> list[tuple[str, int]]:
-        """Every step program this engine can run: (phase, bucket) for each token and batch bucket."""
-        return [("prefill", T) for T in self.token_buckets] + [("decode", B) for B in self.batch_buckets]
+        """Every step program this engine can run: (phase, bucket) for each token and batch bucket,
+        and the page copies of forked samples (n > 1) for each batch bucket below the samples' limit."""
+        copies = [C for C in self.batch_buckets if C < self.max_samples()]
+        return ([("prefill", T) for T in self.token_buckets] + [("decode", B) for B in self.batch_buckets]
+                + [("copy", C) for C in copies])
 
     def precompile(self, on_program=None) -> None:
         """Compile every program (`programs`) now, so no step of a run stops to compile; the run's

@@ -36,12 +36,13 @@ N_PROMPTS = 20
 BAD_LINES = 4  # malformed JSON, missing id, duplicate id, over-long prompt
 
 
-def write_tiny_gguf(path: str, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, seed=0) -> None:
+def write_tiny_gguf(path: str, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, seed=0,
+                    context=MAX_SEQ_LEN) -> None:
     meta = read_metadata(embedded_model_path())
     w = gguf.GGUFWriter(path, "llama")
     w.add_name("tiny-random")
     w.add_block_count(n_layers)
-    w.add_context_length(MAX_SEQ_LEN)
+    w.add_context_length(context)
     w.add_embedding_length(d_model)
     w.add_feed_forward_length(d_ff)
     w.add_head_count(n_heads)
@@ -455,7 +456,8 @@ def test_sigterm_drains_the_job_exits_75_and_the_rerun_completes(tiny, long_job,
     time.sleep(0.2)  # the reader thread takes the last lines
     text = "".join(stderr)
     assert rc == 75, text[-3000:]
-    assert re.search(r"^precompiled 8 programs in", text, re.M), text[-3000:]  # 5 token and 3 batch buckets
+    # 5 token and 3 batch buckets, and the page copies of forked samples at 1 and 2 pages
+    assert re.search(r"^precompiled 10 programs in", text, re.M), text[-3000:]
     assert took < 30, f"the drain took {took:.1f} s, more than --drain-timeout"
     last = text.strip().splitlines()[-1]
     m = re.fullmatch(r"preempted at step \d+: (\d+) done, (\d+) pending; run the same command again to resume "

@@ -147,7 +147,6 @@ def test_pages_follow_tokens_and_are_freed(model):
         held = [pool.length(s.seq_id) for s in sched.running if s.seq_id in pool]
         assert pool.pages_in_use == sum(-(-n // 16) for n in held)
         assert pool.pages_in_use * 16 < sum(held) + 16 * max(1, len(held))  # within a page per sequence
-        assert sched.reserved <= 40
         seen.append(sched)
 
     out = scheduler.run(engine, engine.params, reqs, on_step=check)
