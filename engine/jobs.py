@@ -459,7 +459,10 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
     def on_step(n_tokens: int) -> None:
         stats["generated"] += n_tokens
         if bar is not None:
-            cache = f", prefix cache hit {counts.hit_rate:.0%}" if llm.paged and llm.engine.prefix_cache else ""
+            cache = ""
+            if counts.prompt_tokens:
+                hit = f"prefix cache hit {counts.hit_rate:.0%}, " if llm.paged and llm.engine.prefix_cache else ""
+                cache = f", {hit}{counts.computed_tokens}/{counts.prompt_tokens} prompt tokens computed"
             bar.set_postfix_str(f"{stats['generated'] / (time.perf_counter() - t0):.1f} tok/s{cache}", refresh=False)
 
     def on_result(line: Line, completion) -> None:

@@ -41,7 +41,15 @@ from shardlm.engine.engine import TRACES, Step, check_prompt, forward_step
 from shardlm.engine.kv_cache import PagedKVCache
 from shardlm.engine.kv_pages import PagePool
 from shardlm.engine.sampling import SamplingParams, row_keys, sample
-from shardlm.engine.scheduler import Chunk, DecodeBatch, PrefillBatch, sample_sampling
+from shardlm.engine.scheduler import (
+    Chunk,
+    DecodeBatch,
+    PrefillBatch,
+    check_samples,
+    max_samples,
+    pages_needed,
+    sample_sampling,
+)
 from shardlm.models import quant
 from shardlm.models.kv_views import PageMeta
 from shardlm.models.paged_attention import KV_PAGES_AXES
@@ -311,6 +319,8 @@ class PagedEngine:
         self.query_block = QUERY_BLOCK
         self.max_pages = -(-max_seq_len // self.page_size)  # page-table width: one sequence of max_seq_len
         self.token_buckets, self.batch_buckets = token_buckets(self.max_num_batched_tokens), batch_buckets(self.max_num_seqs)
+        # Page copies of forked samples: at most one per further sample of a request.
+        self.copy_buckets = batch_buckets(max(1, self.max_samples() - 1))
         step = lambda rules: Step(cfg, self.graphdef, self.strategy, self.mesh, rules, self.cache_dtype,  # noqa: E731
                                   self.max_num_seqs, max_seq_len)
         self.prefill_spec, self.decode_spec = step(self.placement.prefill_rules), step(self.placement.decode_rules)
@@ -345,7 +355,7 @@ class PagedEngine:
         (n samples: with a copy of the prompt's partial last page for each further one)."""
         P = self.page_size
         copies = n - 1 if n > 1 and n_prompt % P else 0
-        need = max(-(-min(n_prompt + max_new_tokens, self.max_seq_len) // P), -(-n_prompt // P) + copies)
+        need = pages_needed(n_prompt, max_new_tokens, n, P, self.max_seq_len)
         if need > self.num_pages:
             also = f" and {copies} copies of its partial last page (n = {n})" if copies else ""
             raise ValueError(f"a prompt of {n_prompt} tokens with max_new_tokens {max_new_tokens}{also} needs {need} "
@@ -353,15 +363,11 @@ class PagedEngine:
                              f"(give more kv_pages or a larger memory fraction)")
 
     def max_samples(self) -> int:
-        """The most samples (SamplingParams.n) a request may ask for: all are decoded at once, and
-        each first token is a row of the prefill step (a block of QUERY_BLOCK tokens of its budget)."""
-        return max(1, min(self.max_num_seqs, self.max_num_batched_tokens // self.query_block))
+        """The most samples (SamplingParams.n) a request may ask for (scheduler.max_samples)."""
+        return max_samples(self.max_num_seqs, self.max_num_batched_tokens, self.query_block)
 
     def check_samples(self, n: int) -> None:
-        if n > self.max_samples():
-            raise ValueError(f"n = {n} samples is more than this engine runs at once: at most {self.max_samples()} "
-                             f"(max_num_seqs {self.max_num_seqs}, one prefill row of {self.query_block} tokens each "
-                             f"in {self.max_num_batched_tokens})")
+        check_samples(n, self.max_num_seqs, self.max_num_batched_tokens, self.query_block)
 
     def new_pool(self) -> PagePool:
         """A host PagePool for this engine's pools (scheduler.run makes its own)."""
@@ -372,7 +378,7 @@ class PagedEngine:
         value written twice)."""
         if not copies:
             return
-        C = _pick(self.batch_buckets, len(copies))
+        C = _pick(self.copy_buckets, len(copies))
         pairs = np.asarray(list(copies) + [copies[0]] * (C - len(copies)), np.int32)
         self.k, self.v = copy_pages_step(self.decode_spec, self.k, self.v, pairs[:, 0], pairs[:, 1])
 
@@ -490,9 +496,8 @@ class PagedEngine:
     def programs(self) -> list[tuple[str, int]]:
         """Every step program this engine can run: (phase, bucket) for each token and batch bucket,
         and the page copies of forked samples (n > 1) for each batch bucket below the samples' limit."""
-        copies = [C for C in self.batch_buckets if C < self.max_samples()]
         return ([("prefill", T) for T in self.token_buckets] + [("decode", B) for B in self.batch_buckets]
-                + [("copy", C) for C in copies])
+                + [("copy", C) for C in self.copy_buckets])
 
     def precompile(self, on_program=None) -> None:
         """Compile every program (`programs`) now, so no step of a run stops to compile; the run's

@@ -61,6 +61,26 @@ def sample_seed(seed: int, index: int) -> int:
     return zlib.crc32(f"{seed}:{index}".encode()) & 0x7FFFFFFF
 
 
+def max_samples(max_num_seqs: int, max_num_batched_tokens: int, query_block: int) -> int:
+    """The most samples (SamplingParams.n) a request may ask for: all are decoded at once, and each
+    first token is a row of the prefill step (a block of query_block tokens of its budget)."""
+    return max(1, min(max_num_seqs, max_num_batched_tokens // query_block))
+
+
+def check_samples(n: int, max_num_seqs: int, max_num_batched_tokens: int, query_block: int) -> None:
+    limit = max_samples(max_num_seqs, max_num_batched_tokens, query_block)
+    if n > limit:
+        raise ValueError(f"n = {n} samples is more than this engine runs at once: at most {limit} (max_num_seqs "
+                         f"{max_num_seqs}, one prefill row of {query_block} tokens each in {max_num_batched_tokens})")
+
+
+def pages_needed(n_prompt: int, max_new_tokens: int, n: int, page_size: int, max_seq_len: int) -> int:
+    """Pages a request's longest sequence holds, or its prompt's pages and a copy of their partial
+    last one for each further sample, whichever is more: what it needs to run alone."""
+    copies = n - 1 if n_prompt % page_size else 0
+    return max(-(-min(n_prompt + max_new_tokens, max_seq_len) // page_size), -(-n_prompt // page_size) + copies)
+
+
 def sample_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
     """The SamplingParams sample `index` of a request runs with, as a request of its own (n = 1)."""
     return dataclasses.replace(sampling, seed=sample_seed(sampling.seed, index), n=1)
@@ -155,33 +175,22 @@ class Scheduler:
         self._last = None
         self.last_sampled: list[int] = []  # the requests the last update gave a token (streaming)
 
-    def max_samples(self) -> int:
-        """The most samples a request may ask for: all run at once, each a row of the prefill step."""
-        return max(1, min(self.max_num_seqs, self.max_num_batched_tokens // self.query_block))
-
-    def pages_needed(self, req: Request) -> int:
-        """Pages a request's longest sequence holds, plus a copy of the prompt's partial last page
-        for each further sample."""
-        P, n = self.pool.page_size, req.sampling.n
-        partial = (n - 1) if len(req.prompt_ids) % P else 0
-        return max(self.pool.pages_for(min(len(req.prompt_ids) + req.sampling.max_new_tokens, self.max_seq_len)),
-                   self.pool.pages_for(len(req.prompt_ids)) + partial)
-
     def add(self, req: Request) -> Result:
         """Queue a request; its Result (finish_reason "error" at once if it can never run)."""
         rid = len(self.results) + self._forgotten
         result = Result(req.key, list(req.prompt_ids))
         self.results[rid] = result
-        n, need = req.sampling.n, self.pages_needed(req)
+        n = req.sampling.n
+        need = pages_needed(len(req.prompt_ids), req.sampling.max_new_tokens, n, self.pool.page_size, self.max_seq_len)
         if n > 1:
             result.samples = [Result(req.key, result.prompt_ids) for _ in range(n)]
             result.token_ids = result.samples[0].token_ids
         error = None
-        if n > self.max_samples():
-            error = (f"n = {n} samples is more than this engine runs at once: at most {self.max_samples()} "
-                     f"(max_num_seqs {self.max_num_seqs}, one prefill row of {self.query_block} tokens each in "
-                     f"{self.max_num_batched_tokens})")
-        elif need > self.pool.num_pages:
+        try:
+            check_samples(n, self.max_num_seqs, self.max_num_batched_tokens, self.query_block)
+        except ValueError as e:
+            error = str(e)
+        if error is None and need > self.pool.num_pages:
             copies = f" and {n - 1} copies of its partial last page" if n > 1 and len(req.prompt_ids) % self.pool.page_size else ""
             error = (f"a prompt of {len(req.prompt_ids)} tokens with max_new_tokens {req.sampling.max_new_tokens}"
                      f"{copies} needs {need} pages of {self.pool.page_size} tokens; the pool has {self.pool.num_pages} pages")

@@ -152,3 +152,6 @@ def test_preemption_on_two_processes_gives_the_ample_pools_records(tiny_long, la
     assert read_records(output) == want  # read_records fails on a record written twice
     s = json.loads(summary.read_text())
     assert s["kv_preemptions"] > 0 and s["prefill_tokens_cached"] > 0 and s["done"] == 20 and s["pending"] == 0
+    line = f"prefix cache hit {s['prefix_cache_hit_rate']:.0%}, {s['prefill_tokens_computed']} of " \
+           f"{s['prompt_tokens_submitted']} prompt tokens computed, {s['kv_preemptions']} sequences preempted and recomputed"
+    assert line in p.stderr, p.stderr[-2000:]
