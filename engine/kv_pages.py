@@ -56,6 +56,7 @@ class PagePool:
         self._cache: dict = {}  # (parent key, page tokens) -> (key, page)
         self._key_of: dict = {}  # cached page -> its (parent key, tokens)
         self._ready: set = set()  # cached pages whose keys and values are written
+        self._computed: dict = {}  # seq_id -> its leading pages `computed` has seen
         self._keys = itertools.count()
         self.evictions = 0  # cached pages reused for other tokens
 
@@ -140,8 +141,10 @@ class PagePool:
             self._pages[seq_id], self._lengths[seq_id], self._tokens[seq_id], self._chain[seq_id] = [], 0, [], []
         self._pages[seq_id].extend(new)
         self._lengths[seq_id] = total
-        known = self._tokens[seq_id]
-        self._tokens[seq_id] = None if known is None or token_ids is None else known + token_ids
+        if token_ids is None:
+            self._tokens[seq_id] = None
+        elif self._tokens[seq_id] is not None:
+            self._tokens[seq_id].extend(token_ids)
         self._register(seq_id)
         return new
 
@@ -161,6 +164,7 @@ class PagePool:
                     self._uncache(page)
                 heapq.heappush(self._free, page)
         del self._lengths[seq_id], self._tokens[seq_id], self._chain[seq_id]
+        self._computed.pop(seq_id, None)
 
     def fork(self, src, dst) -> tuple[int, int] | None:
         """New sequence dst with src's tokens: it shares src's full pages and gets a page of its own
@@ -248,9 +252,11 @@ class PagePool:
     def computed(self, seq_id, n_tokens: int) -> None:
         """seq_id's first n_tokens positions have their keys and values written: its cached pages
         among them are ready to share."""
-        for page in self._pages[seq_id][:n_tokens // self.page_size]:
+        pages, done = self._pages[seq_id], self._computed.get(seq_id, 0)
+        for page in pages[done:n_tokens // self.page_size]:  # each page once: decode calls this every step
             if page in self._key_of:
                 self._ready.add(page)
+        self._computed[seq_id] = max(done, n_tokens // self.page_size)
 
     def ready(self, seq_id, n_tokens: int) -> bool:
         """Whether seq_id's first n_tokens positions are written (a shared page another sequence is

@@ -117,7 +117,7 @@ class DecodeBatch:
     copies: tuple[tuple[int, int], ...] = ()
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: running.remove / index / `in` find this sequence
 class _Seq:
     seq_id: int  # the pool's key: a new one each time the sequence is admitted
     rid: int  # the request
