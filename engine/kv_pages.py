@@ -234,7 +234,7 @@ class PagePool:
             raise ValueError(f"sequence {seq_id!r} already holds pages")
         token_ids = list(token_ids)
         shared = self.match(token_ids)
-        if self.pages_for(len(token_ids)) > self.num_pages or self.pages_to_start(token_ids) > self.free_pages:
+        if self.pages_for(len(token_ids)) > self.num_pages or self._to_start(token_ids, shared) > self.free_pages:
             self._grow(seq_id, len(token_ids), token_ids)  # raises the error allocate gives
         for page in shared:
             self._hold(page)
@@ -246,7 +246,9 @@ class PagePool:
 
     def pages_to_start(self, token_ids) -> int:
         """Free pages `start` would take for a sequence of these tokens (what the cache has is shared)."""
-        shared = self.match(token_ids)
+        return self._to_start(token_ids, self.match(token_ids))
+
+    def _to_start(self, token_ids, shared) -> int:  # new pages, and cached ones leaving the idle list
         return self.pages_for(len(token_ids)) - len(shared) + sum(self._refs[p] == 0 for p in shared)
 
     def computed(self, seq_id, n_tokens: int) -> None:
