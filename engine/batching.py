@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from shardlm.engine.detokenize import TextStream
 from shardlm.engine.job_control import at_step
 from shardlm.engine.sampling import SamplingParams
 
@@ -28,6 +29,7 @@ class Request:
     sampling: SamplingParams
     stop_ids: frozenset[int] = frozenset()  # the model's own stop tokens (EOS, end of turn)
     key: object = None  # caller's handle, passed back in Result
+    tokenizer: object = None  # set: each sample's text is decoded as it grows (Result.stream), for stop strings
 
 
 @dataclass
@@ -40,6 +42,10 @@ class Result:
     # n > 1 samples: a Result per sample, in sample order (token_ids and finish_reason above are
     # sample 0's; finish_reason is set once every sample is finished)
     samples: list["Result"] = field(default_factory=list)
+    stream: TextStream | None = None  # the text so far, with Request.tokenizer
+    # with SamplingParams.logprobs: per generated token, (its logprob, ((id, logprob), ...) of the
+    # most likely alternatives, as many as asked for)
+    logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] | None = None
 
 
 def _stops(req: Request) -> frozenset[int]:
@@ -47,14 +53,32 @@ def _stops(req: Request) -> frozenset[int]:
     return own | frozenset(req.sampling.stop_token_ids)
 
 
-def accept(result: Result, req: Request, token: int, max_seq_len: int) -> bool:
-    """Take one sampled token; return True when the request is finished."""
+def accept(result: Result, req: Request, token: int, max_seq_len: int, logprobs=None) -> bool:
+    """Take one sampled token (and, if the request asked for them, its logprobs: the row of
+    sampling.token_logprobs's arrays, (chosen, top ids, top)); return True when the request is
+    finished: a stop token, a stop string, max_new_tokens, or the context full."""
+    k = req.sampling.logprobs
+    if k is not None and result.logprobs is None:
+        result.logprobs = []
     if token in _stops(req):
         result.finish_reason = "stop"
+        if result.stream is not None:
+            result.stream.finish()
         return True
     result.token_ids.append(token)
+    if k is not None and logprobs is not None:
+        chosen, ids, top = logprobs
+        result.logprobs.append((float(chosen), tuple((int(i), float(p)) for i, p in zip(ids[:k], top[:k]))))
+    if req.tokenizer is not None:
+        if result.stream is None:
+            result.stream = TextStream(req.tokenizer, req.sampling.stop)
+        if result.stream.add(token):
+            result.finish_reason = "stop"
+            return True
     if len(result.token_ids) >= req.sampling.max_new_tokens or len(req.prompt_ids) + len(result.token_ids) >= max_seq_len:
         result.finish_reason = "length"
+        if result.stream is not None:
+            result.stream.finish()
         return True
     return False
 

@@ -41,7 +41,8 @@ from shardlm.engine import batching, scheduler
 from shardlm.engine.llm import completion_record
 from shardlm.engine.sampling import SamplingParams
 
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "stop_token_ids", "n")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "stop_token_ids", "n",
+                   "stop", "logprobs")
 _KNOWN_FIELDS = ("id", "prompt", "messages") + SAMPLING_FIELDS
 
 
@@ -199,7 +200,7 @@ def scan_input(path: str) -> InputIndex:
 
 _EXPECTED = {"max_new_tokens": "an integer", "top_k": "an integer", "seed": "an integer", "n": "an integer",
              "temperature": "a number", "top_p": "a number", "ignore_eos": "true or false",
-             "stop_token_ids": "a list of integers"}
+             "stop_token_ids": "a list of integers", "stop": "a string or a list of strings", "logprobs": "an integer"}
 
 
 def _check_json_type(name: str, value) -> None:
@@ -209,7 +210,9 @@ def _check_json_type(name: str, value) -> None:
     ok = {"an integer": integer,
           "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           "true or false": lambda v: isinstance(v, bool),
-          "a list of integers": lambda v: isinstance(v, list) and all(map(integer, v))}[_EXPECTED[name]](value)
+          "a list of integers": lambda v: isinstance(v, list) and all(map(integer, v)),
+          "a string or a list of strings": lambda v: isinstance(v, str) or (isinstance(v, list) and all(
+              isinstance(x, str) for x in v))}[_EXPECTED[name]](value)
     if not ok:
         raise ValueError(f"\"{name}\" must be {_EXPECTED[name]}, got {json.dumps(value)[:80]}")
 

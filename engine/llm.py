@@ -59,7 +59,9 @@ class Sample:
     index: int
     text: str
     token_ids: list[int]  # generated ids, without the stop token
-    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens or the context is full)
+    finish_reason: str  # "stop" (a stop token or string) or "length" (max_new_tokens or the context is full)
+    # SamplingParams.logprobs set: per token, (its logprob, ((id, logprob), ...) of the top alternatives)
+    logprobs: list | None = None
 
 
 @dataclass
@@ -74,16 +76,26 @@ class Completion:
     outputs: list[Sample] = dataclasses.field(default_factory=list)
 
 
+def logprobs_record(logprobs: list) -> list[dict]:
+    """A sample's logprobs as JSON: per token {"logprob", "top_logprobs": [{"token_id", "logprob"}]}."""
+    return [{"logprob": lp, "top_logprobs": [{"token_id": i, "logprob": p} for i, p in top]} for lp, top in logprobs]
+
+
 def completion_record(c: Completion) -> dict:
     """The fields every output of a completion carries (`generate --json`, job records): n = 1 its
-    text, token ids and finish reason; n > 1 a "choices" list of them, one per sample."""
+    text, token ids and finish reason (and "logprobs" when asked for); n > 1 a "choices" list of
+    them, one per sample."""
+    def sample(s: Sample) -> dict:
+        record = {"text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason}
+        if s.logprobs is not None:
+            record["logprobs"] = logprobs_record(s.logprobs)
+        return record
+
     if len(c.outputs) > 1:
-        choices = [{"index": s.index, "text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason,
-                    "completion_tokens": len(s.token_ids)} for s in c.outputs]
+        choices = [{"index": s.index, **sample(s), "completion_tokens": len(s.token_ids)} for s in c.outputs]
         return {"choices": choices, "prompt_tokens": len(c.prompt_token_ids),
                 "completion_tokens": sum(len(s.token_ids) for s in c.outputs)}
-    return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-            "prompt_tokens": len(c.prompt_token_ids), "completion_tokens": len(c.token_ids)}
+    return {**sample(c.outputs[0]), "prompt_tokens": len(c.prompt_token_ids), "completion_tokens": len(c.token_ids)}
 
 
 Prompt = str | Sequence[int] | Sequence[dict]  # text, token ids, or chat messages [{"role", "content"}, ...]
@@ -261,18 +273,24 @@ class LLM:
         return self.tokenizer
 
     def request(self, prompt: Prompt, sampling: SamplingParams | None = None, *, chat: bool = False,
-                key=None) -> batching.Request:
-        """One request: the prompt encoded and checked once (see `encode`), with its sampling."""
+                key=None, text_stream: bool = False) -> batching.Request:
+        """One request: the prompt encoded and checked once (see `encode`), with its sampling.
+        text_stream: decode each sample's text as it grows (Result.stream; stop strings always do)."""
         sampling = sampling or SamplingParams()
-        if sampling.n > 1 and not self.paged:
-            raise ValueError(f"n = {sampling.n} samples needs the paged KV cache, which pipeline stages do not use; "
-                             f"give n = 1")
+        if not self.paged:
+            for what, asked in ((f"n = {sampling.n} samples", sampling.n > 1),
+                                ("logprobs", sampling.logprobs is not None)):
+                if asked:
+                    raise ValueError(f"{what} needs the paged KV cache, which pipeline stages do not use")
+        if sampling.stop or text_stream:
+            self._tokenizer_for("stop strings" if sampling.stop else "text")
         if self.paged:
             self.engine.check_samples(sampling.n)
         ids = self.encode(prompt, chat)
         if self.paged:
             self.engine.check_fits(len(ids), sampling.max_new_tokens, sampling.n)
-        return batching.Request(ids, sampling, self.stop_token_ids, key=key)
+        tokenizer = self.tokenizer if sampling.stop or text_stream else None
+        return batching.Request(ids, sampling, self.stop_token_ids, key=key, tokenizer=tokenizer)
 
     def run(self, requests: Iterable[batching.Request], *, on_result: Callable[[object, Completion], None] | None = None,
             on_step: Callable[[int], None] | None = None,
@@ -289,13 +307,13 @@ class LLM:
         in the prefix cache, preemptions)."""
         def finished(result: batching.Result) -> None:
             if on_result is not None:
-                on_result(result.key, self._completion(result))
+                on_result(result.key, self.completion(result))
 
         streamed = None if on_token is None else (lambda result: on_token(result.key, result.token_ids))
         if not self.paged:
             results = batching.run(self.engine, self.params, requests, on_result=finished, on_step=on_step,
                                    on_token=streamed, control=control)
-            return [self._completion(r) for r in results]
+            return [self.completion(r) for r in results]
 
         def stepped(batch, _sched) -> None:
             n = (len(batch.seq_ids) if isinstance(batch, scheduler.DecodeBatch)
@@ -309,10 +327,12 @@ class LLM:
                 self.engine.check_fits(len(r.prompt_ids), r.sampling.max_new_tokens, r.sampling.n)
         results = scheduler.run(self.engine, self.params, requests, on_result=finished, on_step=stepped,
                                 on_token=streamed, control=control, stats=stats)
-        return [self._completion(r) for r in results]
+        return [self.completion(r) for r in results]
 
-    def _completion(self, r: batching.Result) -> Completion:
-        samples = [Sample(i, self.decode(s.token_ids), s.token_ids, s.finish_reason)
+    def completion(self, r: batching.Result) -> Completion:
+        """A finished scheduler Result as the Completion users see (its samples' text decoded)."""
+        samples = [Sample(i, s.stream.text if s.stream is not None else self.decode(s.token_ids), s.token_ids,
+                          s.finish_reason, s.logprobs)
                    for i, s in enumerate(r.samples or [r])]
         return Completion(text=samples[0].text, token_ids=r.token_ids, finish_reason=r.finish_reason,
                           prompt_token_ids=r.prompt_ids, outputs=samples)

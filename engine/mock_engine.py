@@ -147,7 +147,7 @@ class MockPagedEngine:
             prompt = self._read(pool, c.seq_id, c.start + len(c.token_ids))
             out += [self._next(prompt, c.sampling, sample_seed(c.sampling.seed, i)) for i in range(c.samples)]
         self.steps.append(("prefill", [(c.seq_id, c.start, len(c.token_ids)) for c in batch.chunks]))
-        return np.asarray(out), None
+        return np.asarray(out), None, None
 
     def decode(self, params, batch, pool):
         self._copy(batch.copies)
@@ -156,4 +156,4 @@ class MockPagedEngine:
             self._write(pool, seq_id, pos, [token])
             out.append(self._next(self._read(pool, seq_id, pos + 1), sp, sp.seed))
         self.steps.append(("decode", list(batch.seq_ids)))
-        return np.asarray(out), None
+        return np.asarray(out), None, None

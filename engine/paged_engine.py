@@ -31,6 +31,7 @@ import concurrent.futures
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ from flax import nnx
 from shardlm.engine.engine import TRACES, Step, check_prompt, forward_step
 from shardlm.engine.kv_cache import PagedKVCache
 from shardlm.engine.kv_pages import PagePool
-from shardlm.engine.sampling import SamplingParams, row_keys, sample
+from shardlm.engine.sampling import SamplingParams, row_keys, sample, token_logprobs
 from shardlm.engine.scheduler import (
     Chunk,
     DecodeBatch,
@@ -83,12 +84,25 @@ def _pick(buckets, n: int) -> int:
     return next(b for b in buckets if n <= b)
 
 
+class StepOutput(NamedTuple):
+    """A step's results on device: tokens [R] (R rows), logits [R, V] at each row's position, and
+    logprobs (chosen [R], top ids [R, K], top [R, K]; zeros unless a row asked for them)."""
+
+    tokens: jax.Array
+    logits: jax.Array
+    logprobs: tuple
+
+
 def _sampling(samplings, rows: int):
     """temperature, top_k, top_p, seeds [rows] of per-row SamplingParams (padding rows greedy)."""
     t, k, p, s = np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32), np.zeros(rows, np.int32)
     for i, sp in enumerate(samplings):
         t[i], k[i], p[i], s[i] = sp.temperature, sp.top_k, sp.top_p, sp.seed
     return t, k, p, s
+
+
+def _wants_logprobs(samplings) -> np.bool_:
+    return np.bool_(any(sp.logprobs is not None for sp in samplings))
 
 
 def _shard_pools(k, v):
@@ -248,24 +262,27 @@ def _init_pools(step: Step, num_pages: int, page_size: int):
                                                      step.cache_dtype))
 
 
-def _prefill(step: Step, params, k, v, tokens, positions, meta: PageMeta, last_index, temperature, top_k, top_p, seeds):
-    """tokens, positions [1, T]; meta packed over Bp rows; last_index [Bp] -> (k, v, tokens [Bp], logits [Bp, V])."""
+def _prefill(step: Step, params, k, v, tokens, positions, meta: PageMeta, last_index, temperature, top_k, top_p, seeds,
+             want_logprobs):
+    """tokens, positions [1, T]; meta packed over Bp rows; last_index [Bp]
+    -> (k, v, tokens [Bp], logits [Bp, V], logprobs: sampling.token_logprobs's)."""
     TRACES["paged_prefill", step] += 1
     with use_rules(step.mesh, step.rules):
         logits, cache = step.forward(params, tokens, positions, PagedKVCache(k, v, meta), logits_index=last_index[None])
         logits = logits[0]  # [Bp, V]
         out = sample(logits, temperature, top_k, top_p, row_keys(seeds, meta.kv_lens))
-        return *_shard_pools(cache.k, cache.v), out, logits
+        return *_shard_pools(cache.k, cache.v), out, logits, token_logprobs(logits, out, want_logprobs)
 
 
-def _decode(step: Step, params, k, v, tokens, positions, meta: PageMeta, temperature, top_k, top_p, seeds):
-    """tokens, positions [B]; meta over B rows -> (k, v, tokens [B], logits [B, V])."""
+def _decode(step: Step, params, k, v, tokens, positions, meta: PageMeta, temperature, top_k, top_p, seeds,
+            want_logprobs):
+    """tokens, positions [B]; meta over B rows -> (k, v, tokens [B], logits [B, V], logprobs)."""
     TRACES["paged_decode", step] += 1
     with use_rules(step.mesh, step.rules):
         logits, cache = step.forward(params, tokens[:, None], positions[:, None], PagedKVCache(k, v, meta))
         logits = logits[:, 0]  # [B, V]
         out = sample(logits, temperature, top_k, top_p, row_keys(seeds, positions + 1))
-        return *_shard_pools(cache.k, cache.v), shard(out, ("batch",)), logits
+        return *_shard_pools(cache.k, cache.v), shard(out, ("batch",)), logits, token_logprobs(logits, out, want_logprobs)
 
 
 def _copy_pages(step: Step, k, v, src, dst):
@@ -385,7 +402,8 @@ class PagedEngine:
     def prefill(self, params, batch: PrefillBatch, pool: PagePool):
         """Run the batch's chunks (their pages allocated in `pool`) in one packed row, each chunk from
         a multiple of QUERY_BLOCK. Returns (tokens [Bp], logits [Bp, V]) on device: row i is chunk
-        i's first token (meaningful where chunk.last) and the logits at its last position."""
+        i's first token (meaningful where chunk.last) and the logits at its last position (a
+        StepOutput)."""
         chunks, Q = batch.chunks, self.query_block
         n_rows = sum(c.rows for c in chunks)
         if not 0 < n_rows <= self.max_num_seqs:
@@ -411,13 +429,14 @@ class PagedEngine:
             at += max(-(-n // Q), c.rows) * Q
         rows += [None] * (Bp - len(rows))
         meta = PageMeta(slots, pool.page_table_array(rows, self.max_pages), pool.lengths_array(rows), block_seq, q_pos)
-        self.k, self.v, out, logits = paged_prefill_step(self.prefill_spec, params, self.k, self.v, tokens, positions,
-                                                         meta, last, *_sampling(samplings, Bp))
-        return out, logits
+        self.k, self.v, *out = paged_prefill_step(self.prefill_spec, params, self.k, self.v, tokens, positions,
+                                                  meta, last, *_sampling(samplings, Bp), _wants_logprobs(samplings))
+        return StepOutput(*out)
 
     def decode(self, params, batch: DecodeBatch, pool: PagePool):
         """One token for each sequence of the batch (its new token's page allocated in `pool`).
-        Returns (tokens [B], logits [B, V]) on device, rows past len(batch.seq_ids) padding."""
+        Returns a StepOutput (tokens [B], logits [B, V], logprobs) on device, rows past
+        len(batch.seq_ids) padding."""
         n = len(batch.seq_ids)
         if not 0 < n <= self.max_num_seqs:
             raise ValueError(f"a decode step takes 1..{self.max_num_seqs} sequences, got {n}")
@@ -429,9 +448,9 @@ class PagedEngine:
         for i, (seq_id, pos) in enumerate(zip(batch.seq_ids, batch.positions)):
             slots[i] = pool.slot_mapping(seq_id, pos, 1)[0]
         meta = PageMeta(slots, pool.page_table_array(rows, self.max_pages), pool.lengths_array(rows))
-        self.k, self.v, out, logits = paged_decode_step(self.decode_spec, params, self.k, self.v, tokens, positions,
-                                                        meta, *_sampling(batch.samplings, B))
-        return out, logits
+        self.k, self.v, *out = paged_decode_step(self.decode_spec, params, self.k, self.v, tokens, positions,
+                                                 meta, *_sampling(batch.samplings, B), _wants_logprobs(batch.samplings))
+        return StepOutput(*out)
 
     def prefill_rows(self, T: int) -> int:
         """Rows a prefill step of T tokens samples: each chunk takes at least one query block."""
@@ -457,8 +476,8 @@ class PagedEngine:
                              f"({self.max_num_batched_tokens} tokens)")
         pool = self.new_pool()
         pool.allocate(0, len(tokens))
-        _, logits = self.prefill(params, PrefillBatch((Chunk(0, tuple(tokens), 0, True, SamplingParams()),)), pool)
-        return logits[0]
+        out = self.prefill(params, PrefillBatch((Chunk(0, tuple(tokens), 0, True, SamplingParams()),)), pool)
+        return out.logits[0]
 
     def forward(self, params, tokens) -> jax.Array:
         """Logits [B, T, V] (float32) of whole sequences tokens [B, T] from position 0, through a
@@ -476,7 +495,7 @@ class PagedEngine:
             B = bucket or self.max_num_seqs
             meta = PageMeta(np.full(B, -1, np.int32), np.zeros((B, self.max_pages), np.int32), np.zeros(B, np.int32))
             return paged_decode_step.lower(self.decode_spec, self.params, self.k, self.v, np.zeros(B, np.int32),
-                                           np.zeros(B, np.int32), meta, *_sampling([], B))
+                                           np.zeros(B, np.int32), meta, *_sampling([], B), np.bool_(False))
         if phase == "prefill":
             T = bucket or self.token_buckets[0]
             Bp = self.prefill_rows(T)
@@ -484,7 +503,7 @@ class PagedEngine:
                             np.full(T // self.query_block, -1, np.int32), np.full(T, -1, np.int32))
             return paged_prefill_step.lower(self.prefill_spec, self.params, self.k, self.v, np.zeros((1, T), np.int32),
                                             np.zeros((1, T), np.int32), meta, np.zeros(Bp, np.int32),
-                                            *_sampling([], Bp))
+                                            *_sampling([], Bp), np.bool_(False))
         raise ValueError(f"phase must be decode, prefill or copy, got {phase!r}")
 
     def compiled_text(self, phase: str = "decode", bucket: int | None = None) -> str:

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+MAX_LOGPROBS = 20  # top alternatives a step computes per token (OpenAI's top_logprobs limit)
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,10 @@ class SamplingParams:
 
     top_k 0 and top_p 1.0 disable those filters. `stop_token_ids` are added to the model's own stop
     tokens (its EOS and end-of-turn token) unless `ignore_eos` is set, which benchmarks use to
-    generate exactly `max_new_tokens`.
+    generate exactly `max_new_tokens`. `stop`: up to MAX_STOP strings that end the text where they
+    first appear in it (matched on the detokenized text, left out of it; engine/detokenize.py).
+    `logprobs`: None, or the number (0..MAX_LOGPROBS) of most likely alternatives to report with
+    each generated token's log-probability (of the model's distribution, before temperature).
     """
 
     temperature: float = 0.0
@@ -29,6 +34,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     n: int = 1  # samples of the prompt (prefilled once, each sample keyed by scheduler.sample_seed)
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    logprobs: int | None = None
 
     def __post_init__(self):
         ids = self.stop_token_ids
@@ -36,6 +43,16 @@ class SamplingParams:
                                                     for t in ids):
             raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if len(stop) > MAX_STOP:
+            raise ValueError(f"stop takes at most {MAX_STOP} strings, got {len(stop)}")
+        object.__setattr__(self, "stop", tuple(stop))
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, numbers.Integral) or not 0 <= lp <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (the alternatives reported "
+                             f"with each token), got {lp!r}")
         # seed and top_k go to the device as int32: a larger value is an error here, not an overflow there.
         for name, low, allowed in (("max_new_tokens", 1, " >= 1"), ("top_k", 0, " >= 0 (0 disables it)"),
                                    ("seed", INT32_MIN, ""), ("n", 1, " >= 1 (samples of the prompt)")):
@@ -111,3 +128,21 @@ def sample(logits, temperature, top_k, top_p, keys):
 
     # All-greedy batches skip sampling altogether.
     return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda _: greedy, None)
+
+
+def token_logprobs(logits, tokens, wanted):
+    """Log-probabilities of the model's distribution (float32 logits, before temperature and
+    filters): (of `tokens` [B], the MAX_LOGPROBS most likely ids [B, K] and theirs [B, K]); zeros
+    unless `wanted` (a scalar bool), so a step with no request asking for them skips the top-k."""
+    B, V = logits.shape
+    K = min(MAX_LOGPROBS, V)
+
+    def compute(_):
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top, ids = jax.lax.top_k(lp, K)
+        return jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), top
+
+    def skip(_):
+        return jnp.zeros(B, jnp.float32), jnp.zeros((B, K), jnp.int32), jnp.zeros((B, K), jnp.float32)
+
+    return jax.lax.cond(wanted, compute, skip, None)

@@ -242,6 +242,38 @@ class Scheduler:
             self.pool.free(s.seq_id)
             self.fork_pages -= self._fork_pages(s)
 
+    def abort(self, key) -> Result | None:
+        """Stop the request whose Request.key is `key` (a client went away): its sequences leave the
+        queue or give their pages back now; its Result (finish_reason "abort") is returned, or None
+        when no such request waits or runs."""
+        rids = {s.rid for s in [*self.waiting, *self.running] if s.req.key == key}
+        if not rids:
+            return None
+        rid = rids.pop()
+        self.waiting = collections.deque(s for s in self.waiting if s.rid != rid)
+        gone = [s for s in self.running if s.rid == rid]
+        for s in gone:
+            self.running.remove(s)
+            self.pool.free(s.seq_id)
+            self.fork_pages -= self._fork_pages(s)
+        if any(s.token is None for s in gone):
+            # Its prompt was part-prefilled: sequences not started may share pages it never computed
+            # (they wait for them); they go back to the head of the queue to match the cache again.
+            back = [s for s in self.running if not s.started]
+            for s in back:
+                self.running.remove(s)
+                self.pool.free(s.seq_id)
+                self.fork_pages -= self._fork_pages(s)
+                s.seq_id, s.done = -1, 0
+            self.waiting.extendleft(reversed(back))
+        del self._open[rid]
+        result = self.results[rid]
+        for r in result.samples or [result]:
+            r.finish_reason = r.finish_reason or "abort"
+        result.finish_reason = "abort"
+        self._finished.append(rid)
+        return result
+
     def _preempt(self, s: _Seq) -> None:
         """s gives its pages back and waits at the head of the queue to prefill what it holds again."""
         self.running.remove(s)
@@ -303,10 +335,11 @@ class Scheduler:
             if s in self.running:
                 self.pool.append(s.seq_id, [s.token])
 
-    def update(self, batch: PrefillBatch | DecodeBatch, tokens) -> list[Result]:
-        """Take a step's sampled tokens (one per row); returns the results it finished."""
+    def update(self, batch: PrefillBatch | DecodeBatch, tokens, logprobs=None) -> list[Result]:
+        """Take a step's sampled tokens (one per row), and its logprobs arrays (chosen [R], top ids
+        [R, K], top [R, K]) when a row asked for them; returns the results it finished."""
         by_id = {s.seq_id: s for s in self.running}
-        sampled = []
+        sampled = []  # (sequence, its row)
         if isinstance(batch, PrefillBatch):
             row = 0
             for chunk in batch.chunks:
@@ -317,15 +350,17 @@ class Scheduler:
                 self.pool.computed(s.seq_id, s.done)
                 if chunk.last:
                     self.stats.prompts_prefilled += 1
-                    sampled += list(zip(self._fork(s), tokens[row:row + chunk.rows]))
+                    sampled += [(f, row + i) for i, f in enumerate(self._fork(s))]
                 row += chunk.rows
         else:
-            for seq_id, token in zip(batch.seq_ids, tokens):
+            for row, seq_id in enumerate(batch.seq_ids):
                 self.pool.computed(seq_id, self.pool.length(seq_id))
-                sampled.append((by_id[seq_id], token))
+                sampled.append((by_id[seq_id], row))
         finished, self.last_sampled = [], [s.rid for s, _ in sampled]
-        for s, token in sampled:
-            if accept(self._result(s), s.req, int(token), self.max_seq_len):
+        for s, row in sampled:
+            token = tokens[row]
+            lp = None if logprobs is None else tuple(a[row] for a in logprobs)
+            if accept(self._result(s), s.req, int(token), self.max_seq_len, lp):
                 self.pool.free(s.seq_id)
                 self.running.remove(s)
                 self._open[s.rid] -= 1
@@ -358,6 +393,19 @@ class Scheduler:
         s.req = dataclasses.replace(s.req, sampling=sample_sampling(s.req.sampling, 0))
         self.running[at:at] = group[1:]
         return group
+
+
+def step(engine, params, sched: Scheduler, batch: PrefillBatch | DecodeBatch) -> tuple:
+    """Run one scheduled batch on the engine and give the scheduler its tokens (and logprobs, when
+    a row asked for them): (the step's tokens on the host, the results it finished)."""
+    run_step = engine.prefill if isinstance(batch, PrefillBatch) else engine.decode
+    out = run_step(params, batch, sched.pool)
+    tokens = to_host(out[0])
+    samplings = batch.samplings if isinstance(batch, DecodeBatch) else [c.sampling for c in batch.chunks]
+    logprobs = None
+    if any(sp.logprobs is not None for sp in samplings):
+        logprobs = tuple(to_host(a) for a in out[2])
+    return tokens, sched.update(batch, tokens, logprobs)
 
 
 def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result], None] | None = None,
@@ -409,9 +457,7 @@ def run(engine, params, requests: Iterable[Request], on_result: Callable[[Result
                 raise RuntimeError(f"the scheduler found no step for {len(sched.running)} running and "
                                    f"{len(sched.waiting)} waiting sequences")
             break
-        step = engine.prefill if isinstance(batch, PrefillBatch) else engine.decode
-        tokens = to_host(step(params, batch, sched.pool)[0])
-        finished = sched.update(batch, tokens)
+        tokens, finished = step(engine, params, sched, batch)
         rows = batch.seq_ids if isinstance(batch, DecodeBatch) else [c.seq_id for c in batch.chunks for _ in range(c.rows)]
         last = (rows, tokens[:len(rows)])
         if on_token is not None:

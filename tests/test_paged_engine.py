@@ -61,7 +61,7 @@ def test_packed_prefill_equals_each_prompt_alone(model, dense):
     for i, r in enumerate(reqs):
         pool.allocate(i, len(r.prompt_ids))
     batch = PrefillBatch(tuple(Chunk(i, tuple(r.prompt_ids), 0, True, r.sampling) for i, r in enumerate(reqs)))
-    tokens, logits = engine.prefill(engine.params, batch, pool)
+    tokens, logits, _ = engine.prefill(engine.params, batch, pool)
     diffs = []
     for i, r in enumerate(reqs):
         alone = dense.prefill(dense.params, r.prompt_ids, r.sampling)
@@ -81,7 +81,7 @@ def test_chunked_prefill_equals_one_whole_prefill(model):
     for n in (250, 256, 194):
         pool.allocate(0, n)
         chunk = Chunk(0, tuple(prompt[start:start + n]), start, start + n == len(prompt), SamplingParams())
-        tokens, logits = engine.prefill(engine.params, PrefillBatch((chunk,)), pool)
+        tokens, logits, _ = engine.prefill(engine.params, PrefillBatch((chunk,)), pool)
         start += n
         diffs.append(_max_diff(logits[0], full[start - 1]))
     whole = dense.prefill(dense.params, prompt)
