@@ -405,6 +405,40 @@ def _precompile(engine, show: bool) -> None:
         _status(f"precompiled {len(programs)} programs in {time.perf_counter() - t0:.1f} s")
 
 
+def cmd_serve(args) -> int:
+    from shardlm.engine import jobs
+    from shardlm.sharding.mesh import parse_mesh
+    from shardlm.sharding.pipeline import stages_in
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not args.grace_period >= 0:
+        raise UsageError(f"--grace-period must be a number of seconds >= 0, got {args.grace_period}")
+    if stages_in(parse_mesh(args.mesh) if args.mesh else None) > 1:
+        raise UsageError("shardlm serve runs the paged KV cache; pipeline stages (a stage axis in --mesh) are for "
+                         "jobs (`shardlm run`): give a mesh without a stage axis")
+    jobs.init_distributed(args.coordinator, args.num_processes, args.process_id,
+                          heartbeat_timeout=args.heartbeat_timeout)
+    import jax
+
+    from shardlm.engine import server
+
+    if jax.process_count() > 1 and not args.mesh:
+        raise ValueError(f"a server of {jax.process_count()} processes needs --mesh over all {jax.device_count()} "
+                         f"devices, e.g. --mesh x={jax.device_count()}")
+    llm = _load_llm(args)
+    leader = jax.process_index() == 0
+    if args.precompile:
+        _precompile(llm.engine, show=leader)
+    name = args.served_model_name or args.model or server.EMBEDDED_NAME
+    ready = lambda: _status(f"serving {name} at http://{args.host}:{args.port}/v1 "  # noqa: E731
+                            f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''})")
+    return server.serve(llm, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
+                        max_queue=args.max_queue, grace_s=args.grace_period, on_ready=ready if leader else None)
+
+
 def cmd_launch(args) -> int:
     from shardlm.engine import launch
 
@@ -737,6 +771,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes of a multi-host job compare digests of their steps every N steps (default 1: "
                         "they exchange flags every step anyway; a finished record is written once checked; 0: never)")
     r.set_defaults(func=cmd_run)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, metrics)")
+    _model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    sv.add_argument("--served-model-name", default=None, metavar="NAME",
+                    help="the model's name in requests and /v1/models (default: --model as given)")
+    sv.add_argument("--max-queue", type=int, default=1024, metavar="N",
+                    help="requests that may wait for a place in the batch; more are answered 429 (default 1024)")
+    sv.add_argument("--grace-period", type=float, default=30.0, metavar="S",
+                    help="on SIGTERM/SIGINT, seconds running requests may take to finish (default 30)")
+    sv.add_argument("--precompile", action="store_true",
+                    help="compile every prefill and decode bucket before listening, so no request waits on a compile")
+    sv.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host without auto-detection)")
+    sv.add_argument("--num-processes", type=int, default=None, help="processes of the server")
+    sv.add_argument("--process-id", type=int, default=None, help="this process, 0 .. N-1")
+    sv.add_argument("--heartbeat-timeout", type=int, default=100,
+                    help="seconds after which a silent process counts as lost (default 100)")
+    sv.set_defaults(func=cmd_serve)
 
     la = sub.add_parser("launch", help="start N local processes of a multi-host command (development, tests)")
     la.add_argument("--num-processes", type=int, required=True, help="processes to start")

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-DISTRIBUTED_COMMANDS = ("run",)  # shardlm subcommands that take --coordinator/--num-processes/--process-id
+DISTRIBUTED_COMMANDS = ("run", "serve")  # shardlm subcommands that take --coordinator/--num-processes/--process-id
 STOP_GRACE_S = 5.0
 EX_TEMPFAIL = 75  # a drained process: every process of the job drains at the same step
 
