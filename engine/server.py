@@ -136,7 +136,7 @@ class ServeLoop:
         self.jobs: dict[int, _Job] = {}
         self._numbers = itertools.count()
         self._waiting = 0  # requests in the scheduler's queue, as of the last step
-        self.stopping = False  # no more requests: the running ones finish, then the loop ends
+        self.stopping = False  # the HTTP side is done: the loop ends at its next step
         self.failed: str | None = None  # a step raised: the engine cannot go on
         self.steps = 0
         self.metrics.pages_total.set(e.num_pages)
@@ -145,8 +145,8 @@ class ServeLoop:
 
     def submit(self, parsed: Parsed, deliver: Callable[[tuple], None], writer: ChunkWriter | None,
                model_name: str, request_id: str) -> int:
-        if self.failed or self.stopping:
-            raise APIError(503, "the server is shutting down" if self.stopping else f"the engine failed: {self.failed}")
+        if self.failed:
+            raise APIError(503, f"the engine failed: {self.failed}")
         if self.inbox.qsize() + self._waiting >= self.max_queue + (self.max_queue == 0):
             raise QueueFull(f"the server's queue is full ({self.max_queue} requests wait for the batch); retry later")
         number = next(self._numbers)
@@ -158,6 +158,7 @@ class ServeLoop:
         self.inbox.put(("abort", [number, prompts]))
 
     def stop(self) -> None:
+        """End the loop at its next step (the HTTP side is done: requests still running are dropped)."""
         self.inbox.put(("stop", None))
 
     @property
@@ -211,9 +212,6 @@ class ServeLoop:
     def _apply(self, kind: str, payload) -> None:
         if kind == "add":
             job: _Job = payload
-            if self.stopping:
-                job.deliver(("error", APIError(503, "the server is shutting down")))
-                return
             self.jobs[job.number] = job
             job.results = [None] * len(job.parsed.requests)
             job.open = len(job.parsed.requests)
@@ -224,9 +222,8 @@ class ServeLoop:
                     job.deliver(("error", APIError(400, result.error, "messages" if job.parsed.kind == "chat" else "prompt")))
                     return
         elif kind == "add_remote":
-            if not self.stopping:
-                for i, r in enumerate(payload["requests"]):
-                    self.sched.add(_request_from_json(r, (payload["add"], i), self.llm.tokenizer))
+            for i, r in enumerate(payload["requests"]):
+                self.sched.add(_request_from_json(r, (payload["add"], i), self.llm.tokenizer))
         elif kind == "abort":
             number, prompts = payload
             for i in range(prompts):
@@ -234,7 +231,7 @@ class ServeLoop:
             job = self.jobs.pop(number, None)
             if job is not None:
                 self._count_tokens(job)
-        elif kind == "stop":
+        elif kind == "stop":  # the HTTP side has finished (after its grace period): nobody waits any more
             self.stopping = True
 
     def run(self) -> None:
@@ -254,7 +251,7 @@ class ServeLoop:
                 events = self._share(events)
             for kind, payload in events:
                 self._apply(kind, payload)
-            if self.stopping and not self.sched.running and not self.sched.waiting:
+            if self.stopping:  # every process takes the stop at the same step
                 return
             batch = self.sched.schedule()
             if batch is not None:
@@ -401,7 +398,12 @@ def create_app(loop: ServeLoop, *, model_name: str, api_key: str | None = None):
         writer = ChunkWriter(parsed, llm.tokenizer, model_name, request_id) if parsed.stream else None
         events: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
-        deliver = lambda event: aio.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
+
+        def deliver(event) -> None:
+            try:
+                aio.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed (shutdown): nobody is waiting
+                pass
         try:
             number = loop.submit(parsed, deliver, writer, model_name, request_id)
         except QueueFull as e:
