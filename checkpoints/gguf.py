@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp's format) in: metadata, config, dequantized weights, tokenizer.
 
-llama.cpp stores W_q and W_k with the rows of each head permuted for its interleaved RoPE; shardlm
-uses the half-split (HF) RoPE, so `_unpermute` undoes that on import.
+For architecture llama, llama.cpp's converter stores W_q and W_k with the rows of each head permuted
+for its interleaved RoPE; shardlm uses the half-split (HF) RoPE, so `_unpermute` undoes that on
+import. qwen2 and qwen3 run llama.cpp's half-split ("NEOX") RoPE and are stored unpermuted, as in HF.
 """
 
 from __future__ import annotations
@@ -181,6 +182,10 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+# The architectures whose W_q / W_k rows llama.cpp's convert_hf_to_gguf.py permutes (LlamaModel.permute).
+PERMUTED_ARCHITECTURES = ("llama",)
+
+
 class GGUFWeights:
     """Lazy access to the tensors of a GGUF file, dequantized to float32 one tensor at a time."""
 
@@ -204,6 +209,8 @@ class GGUFWeights:
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {w.shape}, expected {expected}")
         w = np.asarray(w, dtype=np.float32)
         arch = self.metadata.get("general.architecture", "llama")
+        if arch not in PERMUTED_ARCHITECTURES:
+            return w
         if name.endswith("attn_q.weight"):
             w = _unpermute(w, int(self.metadata[f"{arch}.attention.head_count"]))
         elif name.endswith("attn_k.weight"):
@@ -240,6 +247,10 @@ def param_source(weights: GGUFWeights, config) -> Callable[[tuple], np.ndarray]:
             return weights.get(blk + "attn_v.weight").T.reshape(D, K, H)
         if rest == "attn/o":
             return weights.get(blk + "attn_output.weight").T.reshape(N, H, D)
+        if rest in ("attn/q_bias", "attn/k_bias", "attn/v_bias"):  # qwen2: [heads * H] -> [heads, H]
+            return weights.get(blk + f"attn_{rest[5]}.bias").reshape(-1, H)
+        if rest in ("attn/q_norm/scale", "attn/k_norm/scale"):  # qwen3: [H], shared by all heads
+            return weights.get(blk + f"attn_{rest[5]}_norm.weight")
         if rest == "mlp/gate":
             return weights.get(blk + "ffn_gate.weight").T
         if rest == "mlp/up":

@@ -212,6 +212,9 @@ def param_slice_source(weights: HFWeights, config: ModelConfig) -> Callable[[tup
             add(p + "attn/q_bias", hf + "self_attn.q_proj.bias", bias, N)
             add(p + "attn/k_bias", hf + "self_attn.k_proj.bias", bias, K)
             add(p + "attn/v_bias", hf + "self_attn.v_proj.bias", bias, K)
+        if config.qk_norm:  # Qwen3: one [H] scale each, shared by all heads
+            add(p + "attn/q_norm/scale", hf + "self_attn.q_norm.weight", direct, (H,))
+            add(p + "attn/k_norm/scale", hf + "self_attn.k_norm.weight", direct, (H,))
         add(p + "mlp/gate", hf + "mlp.gate_proj.weight", transposed, (F, D))
         add(p + "mlp/up", hf + "mlp.up_proj.weight", transposed, (F, D))
         add(p + "mlp/down", hf + "mlp.down_proj.weight", transposed, (D, F))

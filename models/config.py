@@ -58,6 +58,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim on each query and key head, before RoPE
     family: str = "llama"
     # PaLM-style shapes (for planning; not runnable yet): attention and MLP read the same input.
     parallel_block: bool = False
@@ -77,6 +78,8 @@ class ModelConfig:
         per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + 2 * D
         if self.qkv_bias:
             per_layer += (N + 2 * K) * H
+        if self.qk_norm:
+            per_layer += 2 * H
         return self.n_layers * per_layer + V * D * (1 if self.tie_embeddings else 2) + D
 
     def replace(self, **kw) -> "ModelConfig":
@@ -86,7 +89,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "ModelConfig":
-        """From a Hugging Face config.json (Llama 2/3, Mistral, Qwen2, SmolLM2), read as transformers 5 reads
+        """From a Hugging Face config.json (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2), read as transformers 5 reads
         it: RoPE from `rope_parameters` (what transformers 5 writes) or the legacy top-level `rope_theta` /
         `rope_scaling`. A field that changes the model's math and that shardlm does not implement is a
         ValueError naming the field and its value; fields that do not (dropout, token ids, dtype, ...)
@@ -94,11 +97,11 @@ class ModelConfig:
         model_type = hf.get("model_type", "")
         if model_type not in _HF_DEFAULTS:
             raise ValueError(f"unsupported architecture {model_type!r} ({hf.get('architectures')}); "
-                             "supported model_type: llama, mistral, qwen2")
+                             f"supported model_type: {', '.join(_HF_DEFAULTS)}")
         defaults = _HF_DEFAULTS[model_type]
         _check_hf_types(hf)
         n_heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
-        head_dim = hf.get("head_dim")
+        head_dim = hf.get("head_dim", defaults.get("head_dim"))  # Qwen3's default: 128, not hidden / heads
         if not head_dim:
             if d_model % n_heads:
                 raise ValueError(f"head_dim is not given and hidden_size={d_model} is not a multiple of "
@@ -123,8 +126,10 @@ class ModelConfig:
             rope_scaling=scaling,
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            # Qwen2's q/k/v biases are built in; transformers' Mistral and Qwen2 ignore `attention_bias`.
+            # Qwen2's q/k/v biases are built in; transformers' Mistral and Qwen2 ignore `attention_bias`
+            # (Qwen3's is refused in _check_hf_math). Qwen3's q/k norms are built in.
             qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
         )
 
     @classmethod
@@ -133,8 +138,8 @@ class ModelConfig:
         llama.cpp reads them; a key that changes the math and that shardlm does not implement (YaRN,
         a sliding window, partial rotary, ...) is a ValueError naming the key and its value."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2"):
-            raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
 
         def get(key, default=None):
             value = meta.get(f"{arch}.{key}", default)
@@ -163,8 +168,13 @@ class ModelConfig:
             norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in set(tensor_names),
             qkv_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
         )
 
+
+# llama.cpp's architectures that are this model: llama (also Mistral, SmolLM2), qwen2 (q/k/v biases),
+# qwen3 (q/k norms; blk.N.attn_q_norm.weight, blk.N.attn_k_norm.weight).
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # ----- Hugging Face config.json, as transformers 5 reads it -----
 
@@ -173,6 +183,7 @@ _HF_DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None},
     "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096},
     "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096, "head_dim": 128},
 }
 _HF_ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
@@ -192,6 +203,8 @@ def _check_hf_math(hf: dict, model_type: str) -> None:
         for field in ("attention_bias", "mlp_bias"):  # attention_bias adds o_proj's bias too
             if hf.get(field):
                 _refuse(field, hf[field], "shardlm's Llama has no projection biases")
+    if model_type == "qwen3" and hf.get("attention_bias"):  # transformers' Qwen3: biases on q, k, v and o_proj
+        _refuse("attention_bias", hf["attention_bias"], "shardlm's Qwen3 has no attention projection biases")
     quant = hf.get("quantization_config")
     if quant:
         method = quant.get("quant_method") if isinstance(quant, dict) else quant
@@ -215,8 +228,8 @@ def _hf_layer_types(hf: dict, model_type: str, max_pos: int) -> list[str]:
             _refuse("sliding_window", window, f"shardlm has no sliding window (accepted: null or >= "
                                               f"max_position_embeddings={max_pos}{default})")
         return full
-    # qwen2: the window applies only with use_sliding_window, to layers from max_window_layers on
-    window = hf.get("sliding_window", _HF_DEFAULTS["qwen2"]["sliding_window"]) if hf.get("use_sliding_window") \
+    # qwen2 and qwen3: the window applies only with use_sliding_window, to layers from max_window_layers on
+    window = hf.get("sliding_window", _HF_DEFAULTS[model_type]["sliding_window"]) if hf.get("use_sliding_window") \
         else None
     types = hf.get("layer_types") or [
         "sliding_attention" if window is not None and i >= hf.get("max_window_layers", 28) else "full_attention"
@@ -224,7 +237,7 @@ def _hf_layer_types(hf: dict, model_type: str, max_pos: int) -> list[str]:
     types = ["full_attention" if t == "attention" else t for t in types]  # transformers' legacy name
     for t in types:
         if t not in ("full_attention", "sliding_attention"):
-            _refuse("layer_types", t, "qwen2 layers are full_attention or sliding_attention")
+            _refuse("layer_types", t, f"{model_type} layers are full_attention or sliding_attention")
     if "sliding_attention" in types:
         if window is None:
             _refuse("sliding_window", window, "layer_types has sliding_attention layers without a window "

@@ -1,7 +1,9 @@
-"""The Llama family in Flax NNX: Llama 2/3, Mistral, Qwen2, SmolLM2.
+"""The Llama family in Flax NNX: Llama 2/3, Mistral, Qwen2, Qwen3 (dense), SmolLM2.
 
 RMSNorm, RoPE (half-split, HF convention) with linear or Llama 3 scaling, SwiGLU, grouped-query
-attention (MHA and MQA as its edge cases), tied or untied embeddings, optional QKV bias (Qwen2).
+attention (MHA and MQA as its edge cases), tied or untied embeddings, optional QKV bias (Qwen2),
+optional QK-norm (Qwen3: an RMSNorm over head_dim, one [H] scale shared by all heads, on each query
+and key head after the projection and before RoPE; its head_dim need not be d_model / n_heads).
 
 Every parameter carries logical axis names in its `axes` metadata and every activation constraint
 names its dimensions; sharding/ maps the names to mesh axes. Glossary: B batch, T query tokens,
@@ -117,6 +119,9 @@ class Attention(nnx.Module):
             self.q_bias = _param(rngs, (N, H), ("q_heads", "head_dim"), dtype, init="zeros")
             self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
             self.v_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
+        if cfg.qk_norm:  # scales [H] with RMSNorm's logical axis "norm", which no layout splits
+            self.q_norm = RMSNorm(H, cfg.norm_eps, dtype, rngs)
+            self.k_norm = RMSNorm(H, cfg.norm_eps, dtype, rngs)
         self.cfg = cfg
 
     def __call__(self, x, positions, kv):
@@ -125,6 +130,8 @@ class Attention(nnx.Module):
         q, k, v = project_in(x, *_ws(self, ("q", "k", "v")))
         if cfg.qkv_bias:
             q, k, v = q + _w(self.q_bias), k + _w(self.k_bias), v + _w(self.v_bias)
+        if cfg.qk_norm:  # q [B,T,N,H], k [B,T,K,H]: each head normalized over its H dims
+            q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_frequencies(cfg)
         # The attention core's layout: heads-sharded, or batch-sharded (an all-to-all from the
         # projections' heads-sharded layout) so the KV cache is split by rows, not replicated.
