@@ -369,7 +369,8 @@ def _run_job(args, control, compile_s) -> int:
         _precompile(llm.engine, show=jax.process_index() == 0)
     if jax.process_index() == 0:
         _status(f"process 0 of {jax.process_count()}: {args.input} -> {args.output}")
-    summary = jobs.run_job(llm, args.input, args.output, sampling, chat=args.chat, control=control)
+    summary = jobs.run_job(llm, args.input, args.output, sampling, chat=args.chat, control=control,
+                           model_name=jobs.served_model_name(args.served_model_name, args.model))
     if jax.process_index() == 0:
         _status(jobs.format_summary(summary))
         if args.summary is not None:
@@ -432,7 +433,7 @@ def cmd_serve(args) -> int:
     leader = jax.process_index() == 0
     if args.precompile:
         _precompile(llm.engine, show=leader)
-    name = args.served_model_name or args.model or server.EMBEDDED_NAME
+    name = jobs.served_model_name(args.served_model_name, args.model)
     ready = lambda: _status(f"serving {name} at http://{args.host}:{args.port}/v1 "  # noqa: E731
                             f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''})")
     return server.serve(llm, host=args.host, port=args.port, model_name=name, api_key=args.api_key,
@@ -749,12 +750,16 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=cmd_inspect)
 
     r = sub.add_parser("run", help="a decoding job: JSONL prompts in, JSONL completions out (multi-host)")
-    r.add_argument("--input", required=True, help='JSONL, one {"id": ..., "prompt" or "messages": ...} per line')
+    r.add_argument("--input", required=True, help='JSONL, one {"id": ..., "prompt" or "messages": ...} per line, '
+                   'or an OpenAI batch file (one {"custom_id", "method", "url", "body"} per line)')
     r.add_argument("--output", required=True, help="JSONL results, appended; a rerun skips ids already done")
     _model_args(r)
     _sampling_args(r)
     _n_arg(r, 'line (a line\'s own "n" wins)')
     r.add_argument("--chat", action="store_true", help='apply the chat template to "prompt" lines too')
+    r.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help='the "model" an OpenAI batch file\'s bodies must name (default: --model as given, '
+                        "or SmolLM2-135M-Instruct for the embedded model)")
     r.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host without auto-detection)")
     r.add_argument("--num-processes", type=int, default=None, help="processes in the job")
     r.add_argument("--process-id", type=int, default=None, help="this process, 0 .. N-1")

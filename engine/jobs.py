@@ -11,13 +11,36 @@ Output, one JSON object per line, in the order requests finish:
 or, for an input line that cannot run, an error record (the job goes on):
     {"id": id or null, "line": 1-based input line number, "error": "what was wrong"}
 
+OpenAI batch files (the Batch API's format) run too; the first non-blank line decides which
+format a file is in (a line with "custom_id", or one that is not JSON but names "custom_id": batch).
+Input, one JSON object per line:
+    {"custom_id": "...", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
+     "body": {...an OpenAI request body, "model" the job's --served-model-name...}}
+A custom_id is a string, unique in the file. The body is checked and answered by openai_api, the
+server's code, so its fields take OpenAI's defaults (temperature 1, max_tokens the rest of the
+context) and the command's sampling flags and --chat do not apply; "stream": true is refused (400).
+A body without "seed" samples with one derived from its custom_id (`batch_seed`), not a random
+one: every process of a job draws the same, and a rerun samples the same tokens.
+Output, one JSON object per line, in the order lines finish (every prompt of a completions body's
+list of prompts done), as the Batch API writes them:
+    {"id": "batch_req_<hex>", "custom_id", "response": {"status_code": 200, "request_id": "<hex>",
+     "body": {...the chat.completion or text_completion body the server would answer...}}, "error": null}
+a body the API refuses (unknown model, a bad sampling value, a prompt too long, ...) has its status
+(400, 404) and OpenAI's {"error": {...}} as "body"; a line that is no batch line (malformed JSON, a
+missing or non-string custom_id, a method other than POST, another url, a body that is no object,
+a repeated custom_id, a line of the shardlm format) gets
+    {"id", "custom_id": custom_id or null, "response": null, "error": {"code": "invalid_request", "message"}}
+and the job goes on either way. The hex of "id" begins with the input line number (all but its
+last 24 digits, the rest random), so that a rerun knows the lines whose error record has no custom_id.
+
 Every process reads the input and runs the same sequence of steps; only process 0 touches the
 output. The input is read as a stream: one first pass keeps a few bytes per line (`scan_input`:
 its digest, each line's id hash, repeated ids), the output's records are read the same way
 (`scan_output`), and the lines still to do are parsed as the scheduler takes them, so memory does
 not grow with the input's length. Each record is appended with one write() and flushed, so a job that dies leaves whole
 lines (a torn last line, should the OS leave one, is cut away before appending). Rerunning the
-same command skips ids that already have a result and lines that already have an error record.
+same command skips ids that already have a result and lines that already have an error record
+(batch files: custom_ids that have a record with a "response", and lines that have one without).
 """
 
 from __future__ import annotations
@@ -28,22 +51,32 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import secrets
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import jax
 import numpy as np
 
 from shardlm.checkpoints.orbax_io import can_create_files_in
-from shardlm.engine import batching, scheduler
+from shardlm.engine import batching, openai_api, scheduler
 from shardlm.engine.llm import completion_record
-from shardlm.engine.sampling import SamplingParams
+from shardlm.engine.sampling import INT32_MAX, SamplingParams
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "ignore_eos", "stop_token_ids", "n",
                    "stop", "logprobs")
 _KNOWN_FIELDS = ("id", "prompt", "messages") + SAMPLING_FIELDS
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"  # the embedded model's name in OpenAI bodies (batch lines, the server)
+
+
+def served_model_name(served: str | None, model: str | None) -> str:
+    """The name OpenAI bodies must give as "model": --served-model-name, else --model as given,
+    else (the embedded model) EMBEDDED_NAME."""
+    return served or model or EMBEDDED_NAME
 
 
 # ----- the distributed runtime -----
@@ -167,10 +200,23 @@ class InputIndex:
     keys: np.ndarray  # uint64 [n_lines]: each line's id hash, 0 where the line has no usable id
     nonblank: np.ndarray  # bool [n_lines]
     first_line: dict[int, int]  # 0-based line repeating an earlier id -> 1-based line of its first
+    batch: bool = False  # an OpenAI batch file: lines keyed by custom_id
+
+
+_NOT_JSON = object()  # scan_input's value for a line that is not JSON
+
+
+def _is_batch_line(text: str, obj) -> bool:
+    """Whether the first non-blank line makes its file a batch file: an object with "custom_id",
+    or a line that is not JSON (its own error) naming "custom_id"."""
+    if obj is _NOT_JSON:
+        return '"custom_id"' in text
+    return isinstance(obj, dict) and "custom_id" in obj
 
 
 def scan_input(path: str) -> InputIndex:
     digest, keys, nonblank = hashlib.sha256(), array.array("Q"), array.array("b")
+    batch = None  # decided by the first non-blank line
     for text in iter_lines(path):
         digest.update(text.encode("utf-8", "surrogateescape") + b"\n")
         nonblank.append(bool(text.strip()))
@@ -178,11 +224,13 @@ def scan_input(path: str) -> InputIndex:
         if text.strip():
             try:
                 obj = json.loads(text)
-                id_ = obj.get("id") if isinstance(obj, dict) else None
-                if isinstance(id_, (str, int)) and not isinstance(id_, bool):
-                    key = _key_hash(json.dumps(id_))
             except (ValueError, RecursionError):
-                pass
+                obj = _NOT_JSON
+            if batch is None:
+                batch = _is_batch_line(text, obj)
+            id_ = obj.get("custom_id" if batch else "id") if isinstance(obj, dict) else None
+            if isinstance(id_, str) or (not batch and isinstance(id_, int) and not isinstance(id_, bool)):
+                key = _key_hash(json.dumps(id_))
         keys.append(key)
     keys_np = np.frombuffer(keys, np.uint64).copy() if len(keys) else np.zeros(0, np.uint64)
     first_line = {}
@@ -195,7 +243,7 @@ def scan_input(path: str) -> InputIndex:
         group_first = order[starts[np.searchsorted(starts, repeat, side="right") - 1]]
         first_line = {int(i): int(f) + 1 for i, f in zip(order[repeat], group_first)}
     return InputIndex(len(keys), digest.digest(), keys_np, np.frombuffer(nonblank, np.int8).astype(bool),
-                      first_line)
+                      first_line, bool(batch))
 
 
 _EXPECTED = {"max_new_tokens": "an integer", "top_k": "an integer", "seed": "an integer", "n": "an integer",
@@ -276,6 +324,131 @@ def pending_lines(path: str, index: InputIndex, done: np.ndarray, llm, defaults:
         yield line
 
 
+# ----- OpenAI batch files -----
+
+BATCH_METHOD = "POST"
+_BATCH_ID = "batch_req_"
+_RANDOM_HEX = 24  # the random tail of a record's id, after its line number in hex
+
+
+def batch_seed(custom_id: str) -> int:
+    """The seed of a batch line whose body gives none: from its custom_id, so that every process
+    of a job (and a rerun) samples the same tokens, where the server would draw a random one."""
+    digest = hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % INT32_MAX
+
+
+@dataclass(eq=False)
+class BatchLine:
+    """One line of a batch file: its requests (key (this BatchLine, prompt index)), or why not."""
+
+    number: int  # 1-based line number in the input file
+    custom_id: str | None = None
+    parsed: openai_api.Parsed | None = None  # its requests, keyed (self, i)
+    error: str | None = None  # not a batch line: the message of its "error"
+    api_error: openai_api.APIError | None = None  # a batch line whose body the API refuses
+    completions: list | None = None  # per prompt, as they finish
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.custom_id)
+
+    def record(self, tokenizer=None, model_name: str = "") -> dict:
+        """The Batch API's output record: an error, a refused body, or (all prompts done) the response."""
+        record_id = f"{_BATCH_ID}{self.number:08x}{secrets.token_hex(_RANDOM_HEX // 2)}"
+        if self.error is not None:
+            return {"id": record_id, "custom_id": self.custom_id, "response": None,
+                    "error": {"code": "invalid_request", "message": self.error}}
+        if self.api_error is not None:
+            status, body = self.api_error.status, self.api_error.body()
+        else:
+            status = 200
+            body = openai_api.response(self.parsed, self.completions, tokenizer, model_name,
+                                       openai_api.new_id(self.parsed.kind))
+        return {"id": record_id, "custom_id": self.custom_id,
+                "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
+
+
+def batch_record_line(record_id: str) -> int:
+    """The input line number a batch record's id begins with (-1: none)."""
+    m = re.fullmatch(rf"{_BATCH_ID}([0-9a-f]+)[0-9a-f]{{{_RANDOM_HEX}}}", record_id)
+    return int(m[1], 16) if m else -1
+
+
+def parse_batch_line(number: int, text: str, llm, model_name: str, duplicate_of: int | None = None) -> BatchLine:
+    """One line of a batch file -> a BatchLine with its parsed body, or with `error` (not a batch
+    line, or a custom_id first on line `duplicate_of`) or `api_error` (a body the API refuses) set."""
+    line = BatchLine(number)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # iter_lines kept undecodable bytes as surrogate escapes
+        line.error = f"the line is not valid UTF-8 (byte {e.start + 1} of the line)"
+        return line
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        line.error = f"malformed JSON: {e}"
+        return line
+    shape = '{"custom_id", "method", "url", "body"}'
+    if not isinstance(obj, dict):
+        line.error = f"expected a JSON object {shape}, got {type(obj).__name__}"
+        return line
+    custom_id = obj.get("custom_id")
+    if custom_id is None:
+        other = " (a line of the shardlm job format: this file is an OpenAI batch file, as its first line is)" \
+            if "id" in obj and ("prompt" in obj or "messages" in obj) else ""
+        line.error = f'missing "custom_id": each line of a batch file is {shape}{other}'
+        return line
+    if not isinstance(custom_id, str):
+        line.error = f'"custom_id" must be a string, got {json.dumps(custom_id)[:80]}'
+        return line
+    try:
+        custom_id.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape ("\ud800"): not text, and not writable as UTF-8
+        line.error = f'"custom_id" is not valid Unicode text: {json.dumps(custom_id)[:80]}'
+        return line
+    line.custom_id = custom_id
+    if duplicate_of is not None:
+        line.error = f"duplicate custom_id {line.key} (first on line {duplicate_of})"
+        return line
+    if obj.get("method") != BATCH_METHOD:
+        line.error = f'"method" must be "{BATCH_METHOD}", got {json.dumps(obj.get("method"))[:80]}'
+        return line
+    url = obj.get("url")
+    if not isinstance(url, str) or url not in openai_api.ROUTES:
+        line.error = f'"url" must be {" or ".join(map(json.dumps, openai_api.ROUTES))}, got {json.dumps(url)[:80]}'
+        return line
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        line.error = f'"body" must be a JSON object (the request body), got {json.dumps(body)[:80]}'
+        return line
+    if body.get("seed") is None:  # not a random seed: every process must sample alike
+        body = {**body, "seed": batch_seed(custom_id)}
+    try:
+        try:
+            parsed = openai_api.parse(openai_api.ROUTES[url], body, llm, model_name)
+        except (ValueError, TypeError, OverflowError) as e:  # whatever a body holds, it is that line's error
+            raise openai_api.APIError(400, str(e)) from None
+        if parsed.stream:
+            raise openai_api.APIError(400, "batch lines are not streamed: give \"stream\": false or leave it out",
+                                      "stream")
+    except openai_api.APIError as e:
+        line.api_error = e
+        return line
+    parsed.requests = [dataclasses.replace(r, key=(line, i)) for i, r in enumerate(parsed.requests)]
+    line.parsed, line.completions = parsed, [None] * len(parsed.requests)
+    return line
+
+
+def pending_batch_lines(path: str, index: InputIndex, done: np.ndarray, llm, model_name: str):
+    """A batch file's non-blank lines not done yet, each parsed as it is read (a stream); a repeat
+    of an earlier custom_id is an error."""
+    for number, text in enumerate(iter_lines(path), 1):
+        if not index.nonblank[number - 1] or done[number - 1]:
+            continue
+        yield parse_batch_line(number, text, llm, model_name, index.first_line.get(number - 1))
+
+
 # ----- output -----
 
 _RECORD_START = b'{"id": '  # how every record Appender writes begins (json.dumps, "id" first)
@@ -289,7 +462,30 @@ def _job_record(raw: bytes) -> dict | None:
         return None
     if not isinstance(record, dict) or "id" not in record:
         return None
+    if _is_batch_record(record):
+        return record
     return record if {"error", "line"} <= record.keys() or "token_ids" in record else None
+
+
+_BATCH_RECORD_KEYS = frozenset({"id", "custom_id", "response", "error"})
+
+
+def _is_batch_record(record: dict) -> bool:
+    return (record.keys() == _BATCH_RECORD_KEYS and isinstance(record["id"], str)
+            and record["id"].startswith(_BATCH_ID))
+
+
+def _record_key(record: dict) -> tuple[str | None, int]:
+    """What resuming keys a record by: (the JSON of its id, or of its custom_id if it is a batch
+    record with a response) for a result, else (None, its input line number, -1 if none)."""
+    if _is_batch_record(record):
+        if record["response"] is None:
+            return None, batch_record_line(record["id"])
+        return (json.dumps(record["custom_id"]), 0) if isinstance(record["custom_id"], str) else (None, -1)
+    if "error" in record:
+        line = record.get("line")
+        return None, line if isinstance(line, int) and not isinstance(line, bool) else -1
+    return json.dumps(record["id"]), 0
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -337,9 +533,11 @@ _NOT_OURS = "is not a job record; is it another file? (give a new path, or the o
 class OutputIndex:
     """What an output holds, 8 bytes a record: its result ids' hashes and its error records' lines."""
 
-    results: np.ndarray  # uint64 id hashes
+    results: np.ndarray  # uint64 id hashes (batch records with a response: custom_id hashes)
     error_lines: np.ndarray  # int64 input line numbers (-1: not a line number)
     cut: int | None  # the length to cut a torn last line at
+    batch_records: int = 0  # records of the OpenAI batch format
+    job_records: int = 0  # records of the shardlm format
 
 
 def _records(path: str):
@@ -357,21 +555,27 @@ def scan_output(path: str) -> OutputIndex:
     """The records in `path`, read in one pass holding 8 bytes each. Every whole line must be a
     job record and a torn tail must begin like one; otherwise this is some other file and it is
     refused before anything is written to it."""
-    results, errors, cut = array.array("Q"), array.array("q"), None
+    results, errors, cut, batch, plain = array.array("Q"), array.array("q"), None, 0, 0
     if os.path.exists(path):
         for n, record, at, whole, raw in _records(path):
             if not whole:
                 if not (_RECORD_START.startswith(raw) or raw.startswith(_RECORD_START)):
                     raise ValueError(f"--output {path!r} line {n} {_NOT_OURS}")
                 cut = at
-            elif record is None:
+                continue
+            if record is None:
                 raise ValueError(f"--output {path!r} line {n} {_NOT_OURS}")
-            elif "error" in record:
-                line = record["line"]
-                errors.append(line if isinstance(line, int) and not isinstance(line, bool) else -1)
+            if _is_batch_record(record):
+                batch += 1
             else:
-                results.append(_key_hash(json.dumps(record["id"])))
-    return OutputIndex(np.frombuffer(results, np.uint64).copy(), np.frombuffer(errors, np.int64).copy(), cut)
+                plain += 1
+            key, line = _record_key(record)
+            if key is not None:
+                results.append(_key_hash(key))
+            else:
+                errors.append(line)
+    return OutputIndex(np.frombuffer(results, np.uint64).copy(), np.frombuffer(errors, np.int64).copy(), cut,
+                       batch, plain)
 
 
 def recover_output(path: str, index: InputIndex | None = None) -> OutputIndex:
@@ -379,12 +583,17 @@ def recover_output(path: str, index: InputIndex | None = None) -> OutputIndex:
     then is a torn last line (no newline) cut off the file."""
     out = scan_output(path)
     if index is not None:
+        other = out.job_records if index.batch else out.batch_records
+        if other:
+            formats = ("shardlm job", "OpenAI batch") if index.batch else ("OpenAI batch", "shardlm job")
+            raise ValueError(f"--output {path!r} holds {other} records of the {formats[0]} format and --input is "
+                             f"in the {formats[1]} format; is it the output of another job? (give a new path)")
         strange = ~np.isin(out.results, index.keys)
         bad_lines = (out.error_lines < 1) | (out.error_lines > index.n_lines)
         if strange.any() or bad_lines.any():
             stray = set(out.results[strange].tolist())
-            names = [json.dumps(r["id"]) for _, r, *_ in _records(path)
-                     if r is not None and "error" not in r and _key_hash(json.dumps(r["id"])) in stray][:3]
+            names = [key for _, r, _, whole, _ in _records(path) if r is not None and whole
+                     for key in [_record_key(r)[0]] if key is not None and _key_hash(key) in stray][:3]
             names += [f"line {n}" for n in out.error_lines[bad_lines][:3].tolist()]
             raise ValueError(f"--output {path!r} holds records that are not of this --input ({', '.join(names[:3])}); "
                              "is it the output of another job? (give a new path)")
@@ -401,7 +610,10 @@ class Appender:
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record: dict) -> None:
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        try:
+            data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        except UnicodeEncodeError:  # a lone surrogate from the input's JSON ("\ud800"): written as its escape
+            data = (json.dumps(record) + "\n").encode()
         while data:  # a regular file takes it in one write; loop only for the letter of POSIX
             data = data[os.write(self.fd, data):]
 
@@ -440,10 +652,13 @@ def _lines_done(index: InputIndex, output_path: str, input_path: str) -> np.ndar
 # ----- the job -----
 
 def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = SamplingParams(), *,
-            chat: bool = False, progress: bool = True, control=None) -> dict:
+            chat: bool = False, progress: bool = True, control=None, model_name: str = EMBEDDED_NAME) -> dict:
     """Run every pending line of `input_path`, appending records to `output_path`; returns a summary
     (`summary_record` lists its fields). `control`, a job_control.JobControl, may drain the job (a
     signal): then the lines it did not finish stay pending, counted in the summary, for a rerun.
+    An OpenAI batch file (see the module's docstring) runs its bodies as `model_name`, which their
+    "model" must name; `defaults` and `chat` are for the shardlm format only. The summary counts
+    lines either way: a batch line is one prompt done (all of its prompts) or one error.
 
     Call it on every process of a multi-host job with the same arguments.
     """
@@ -468,12 +683,22 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
                 cache = f", {hit}{counts.computed_tokens}/{counts.prompt_tokens} prompt tokens computed"
             bar.set_postfix_str(f"{stats['generated'] / (time.perf_counter() - t0):.1f} tok/s{cache}", refresh=False)
 
-    def on_result(line: Line, completion) -> None:
+    def on_result(key, completion) -> None:
+        if isinstance(key, tuple):  # a prompt of a batch line: its record once all of them are done
+            line, i = key
+            line.completions[i] = completion
+            if any(c is None for c in line.completions):
+                return
+            completions = line.completions
+            make = lambda: line.record(llm.tokenizer, model_name)  # noqa: E731
+        else:
+            completions = [completion]
+            make = lambda: {"id": key.id, **completion_record(completion)}  # noqa: E731
         stats["finished"] += 1
-        stats["prompt_tokens"] += len(completion.prompt_token_ids)
-        stats["completion_tokens"] += sum(len(s.token_ids) for s in completion.outputs)
+        stats["prompt_tokens"] += sum(len(c.prompt_token_ids) for c in completions)
+        stats["completion_tokens"] += sum(len(s.token_ids) for c in completions for s in c.outputs)
         if out is not None:
-            record = {"id": line.id, **completion_record(completion)}
+            record = make()
             if control is None:
                 out.write(record)
             else:  # written once the processes' steps are known to agree (at once in one process)
@@ -481,16 +706,26 @@ def run_job(llm, input_path: str, output_path: str, defaults: SamplingParams = S
         if bar is not None:
             bar.update(1)
 
+    def errored(record: dict) -> None:
+        stats["errors"] += 1
+        if out is not None:
+            out.write(record)
+        if bar is not None:
+            bar.update(1)
+
     def requests():  # the pending lines as a stream: a bad line's error record is written as it is read
+        if index.batch:
+            for line in pending_batch_lines(input_path, index, done, llm, model_name):
+                if line.parsed is not None:
+                    yield from line.parsed.requests
+                else:
+                    errored(line.record() if out is not None else {})
+            return
         for line in pending_lines(input_path, index, done, llm, defaults, chat):
             if line.error is None:
                 yield line.request
                 continue
-            stats["errors"] += 1
-            if out is not None:
-                out.write({"id": line.id, "line": line.number, "error": line.error})
-            if bar is not None:
-                bar.update(1)
+            errored({"id": line.id, "line": line.number, "error": line.error})
 
     try:
         llm.run(requests(), on_result=on_result, on_step=on_step, control=control, stats=counts)

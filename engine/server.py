@@ -42,12 +42,12 @@ from starlette.exceptions import HTTPException
 
 from shardlm.engine import openai_api, scheduler
 from shardlm.engine.batching import Request
+from shardlm.engine.jobs import EMBEDDED_NAME
 from shardlm.engine.openai_api import APIError, ChunkWriter, Parsed
 from shardlm.engine.sampling import SamplingParams
 
 IDLE_S = 0.05  # multi-host: how often process 0 tells the others, while idle, that nothing came
 POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 
 class QueueFull(Exception):
