@@ -393,3 +393,56 @@ def test_two_processes_serve_what_one_does(tiny_model, tiny_server, env):
     finally:
         if server.proc.poll() is None:
             server.kill()
+
+
+def _same(a, b) -> bool:
+    """Equal JSON, floats (logprobs, computed beside other rows of a step) within 1e-4."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) < 1e-4
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+@pytest.mark.slow
+def test_batch_file_bodies_equal_the_servers_responses(tiny_server, tiny_model, tmp_path):
+    """An OpenAI batch file through `shardlm run`: its records are the Batch API's, and each body
+    equals the server's answer to the same request (but for id and created)."""
+    from shardlm.engine.cli import main
+
+    bodies = [_spec(i) for i in (0, 1, 3, 5, 10)]
+    for b in bodies:
+        b.pop("stream")
+    bodies.append({"kind": "completion", "model": TINY, "prompt": ["the lazy dog", "seven cats"], "max_tokens": 5,
+                   "temperature": 0, "logprobs": 2})
+    bodies.append({"kind": "chat", "model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                   "temperature": 0.7, "seed": 11, "logprobs": True, "top_logprobs": 3, "stop": ["e"]})
+    lines = [{"custom_id": f"r{i}", "method": "POST",
+              "url": "/v1/chat/completions" if b["kind"] == "chat" else "/v1/completions",
+              "body": {k: v for k, v in b.items() if k != "kind"}} for i, b in enumerate(bodies)]
+    lines.append({"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}})
+    src, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{not json\n")
+    assert main(["run", "--model", tiny_model, "--served-model-name", TINY, "--input", str(src), "--output", str(out),
+                 "--max-num-seqs", "16"]) == 0
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all(set(r) == {"id", "custom_id", "response", "error"} and r["id"].startswith("batch_req_")
+               for r in records)
+    by_id = {r["custom_id"]: r for r in records}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for line in lines:
+        record = by_id[line["custom_id"]]
+        assert record["error"] is None and set(record["response"]) == {"status_code", "request_id", "body"}
+        served = httpx.post(tiny_server.base + line["url"], json=line["body"], headers=headers, timeout=120)
+        assert record["response"]["status_code"] == served.status_code
+        want, got = served.json(), record["response"]["body"]
+        if served.status_code == 200:
+            for body in (want, got):
+                assert body.pop("id").startswith("chatcmpl-" if "chat" in line["url"] else "cmpl-")
+                body.pop("created")
+        assert _same(got, want), (line["custom_id"], got, want)
+    (broken,) = [r for r in records if r["custom_id"] is None]
+    assert broken["response"] is None and broken["error"]["code"] == "invalid_request"
