@@ -136,6 +136,7 @@ def test_greedy_tokens_equal_transformers(reference):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", ["untied"], indirect=True)  # one shape: the cache path is shape-blind
 def test_prefill_then_decode_equals_full_forward(case):
     """Through the model's dense cache (prefill 10, then one token at a time) and through the engine's
     steps (prefill, insert, generate): the logits of one full forward."""
@@ -167,6 +168,7 @@ def test_prefill_then_decode_equals_full_forward(case):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", ["tied"], indirect=True)  # 8 query heads: every layout splits them
 @pytest.mark.parametrize("layout", ["1d_weight_stationary", "2d_weight_stationary"])
 def test_layouts_equal_one_device(reference, layout):
     """On 8 virtual devices (x=2, y=2, z=2): the q/k norms replicated on every device, logits within
