@@ -265,18 +265,23 @@ def _check_json_type(name: str, value) -> None:
         raise ValueError(f"\"{name}\" must be {_EXPECTED[name]}, got {json.dumps(value)[:80]}")
 
 
+def _json_line(text: str) -> tuple[object, str | None]:
+    """An input line's JSON value, or why it has none (not UTF-8, malformed)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # iter_lines kept undecodable bytes as surrogate escapes
+        return None, f"the line is not valid UTF-8 (byte {e.start + 1} of the line)"
+    try:
+        return json.loads(text), None
+    except (json.JSONDecodeError, RecursionError) as e:
+        return None, f"malformed JSON: {e}"
+
+
 def parse_line(number: int, text: str, llm, defaults: SamplingParams, chat: bool) -> Line:
     """One input line -> a Line with token ids and sampling, or with `error` set."""
     line = Line(number)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # read_lines kept undecodable bytes as surrogate escapes
-        line.error = f"the line is not valid UTF-8 (byte {e.start + 1} of the line)"
-        return line
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        line.error = f"malformed JSON: {e}"
+    obj, line.error = _json_line(text)
+    if line.error:
         return line
     if not isinstance(obj, dict):
         line.error = f"expected a JSON object with \"id\" and \"prompt\" or \"messages\", got {type(obj).__name__}"
@@ -379,15 +384,8 @@ def parse_batch_line(number: int, text: str, llm, model_name: str, duplicate_of:
     """One line of a batch file -> a BatchLine with its parsed body, or with `error` (not a batch
     line, or a custom_id first on line `duplicate_of`) or `api_error` (a body the API refuses) set."""
     line = BatchLine(number)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # iter_lines kept undecodable bytes as surrogate escapes
-        line.error = f"the line is not valid UTF-8 (byte {e.start + 1} of the line)"
-        return line
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        line.error = f"malformed JSON: {e}"
+    obj, line.error = _json_line(text)
+    if line.error:
         return line
     shape = '{"custom_id", "method", "url", "body"}'
     if not isinstance(obj, dict):

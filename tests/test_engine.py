@@ -21,6 +21,20 @@ def _full_logits(model, tokens):
     return np.asarray(engine.forward(engine.params, tokens))
 
 
+def stepwise_logits(model, seq, P: int = 10, S: int = 40) -> np.ndarray:
+    """Logits [B, T, V] of seq [B, T] through the model's dense cache of S slots: the first P tokens
+    prefilled, the rest fed one at a time."""
+    cfg = model.cfg
+    B = seq.shape[0]
+    cache = KVCache.zeros(cfg.n_layers, B, S, cfg.n_kv_heads, cfg.head_dim)
+    logits, cache = model(jnp.asarray(seq[:, :P]), jnp.broadcast_to(jnp.arange(P), (B, P)), cache)
+    got = [np.asarray(logits)]
+    for t in range(P, seq.shape[1]):
+        logits, cache = model(jnp.asarray(seq[:, t:t + 1]), jnp.full((B, 1), t), cache)
+        got.append(np.asarray(logits))
+    return np.concatenate(got, axis=1)
+
+
 @pytest.mark.parametrize("cfg", [
     TINY,
     TINY.replace(n_kv_heads=1, tie_embeddings=True),  # multiquery, tied
@@ -39,15 +53,7 @@ def test_prefill_then_decode_equals_full_forward(cfg):
     seq = rng.randint(0, cfg.vocab_size, size=(2, 24)).astype(np.int32)
     full = _full_logits(model, seq)
 
-    # Prefill 10 tokens into a 40-slot cache, then feed the remaining 14 one at a time.
-    P, S = 10, 40
-    cache = KVCache.zeros(cfg.n_layers, 2, S, cfg.n_kv_heads, cfg.head_dim)
-    logits, cache = model(jnp.asarray(seq[:, :P]), jnp.broadcast_to(jnp.arange(P), (2, P)), cache)
-    got = [np.asarray(logits)]
-    for t in range(P, seq.shape[1]):
-        logits, cache = model(jnp.asarray(seq[:, t:t + 1]), jnp.full((2, 1), t), cache)
-        got.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(stepwise_logits(model, seq), full, atol=2e-5, rtol=1e-5)
 
 
 def test_engine_steps_equal_full_forward():

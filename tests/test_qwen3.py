@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from test_checkpoints import DROP, _edit_config
+from test_engine import stepwise_logits
 
 from shardlm.checkpoints import loader
 from shardlm.checkpoints.convert import convert, describe
 from shardlm.checkpoints.gguf import CheckpointError
-from shardlm.engine import Engine, KVCache, SamplingParams
+from shardlm.engine import Engine, SamplingParams
 from shardlm.engine.llm import LLM
 from shardlm.models import quant
 from shardlm.models.config import ModelConfig
@@ -145,14 +147,7 @@ def test_prefill_then_decode_equals_full_forward(case):
     seq = np.asarray([PROMPTS[2][:24], PROMPTS[1] + PROMPTS[0][:5]], np.int32)  # [2, 24]
     one = Engine(model, batch_size=1, max_seq_len=cfg.max_seq_len)
     full = np.asarray(one.forward(one.params, seq))
-    P, S = 10, 40
-    cache = KVCache.zeros(cfg.n_layers, 2, S, cfg.n_kv_heads, cfg.head_dim)
-    logits, cache = model(jnp.asarray(seq[:, :P]), jnp.broadcast_to(jnp.arange(P), (2, P)), cache)
-    got = [np.asarray(logits)]
-    for t in range(P, seq.shape[1]):
-        logits, cache = model(jnp.asarray(seq[:, t:t + 1]), jnp.full((2, 1), t), cache)
-        got.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(stepwise_logits(model, seq), full, atol=2e-5, rtol=1e-5)
 
     engine = Engine(model, batch_size=3, max_seq_len=64)
     prompt = PROMPTS[0]
@@ -330,18 +325,10 @@ def small(tmp_path_factory):
 
 
 def _edited(folder, tmp_path, **changes):
-    dst = shutil.copytree(folder, tmp_path / "edited")
-    path = os.path.join(dst, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return str(dst)
+    """A copy of the folder with config.json fields set (None deletes one)."""
+    dst = str(shutil.copytree(folder, tmp_path / "edited"))
+    _edit_config(dst, **{k: DROP if v is None else v for k, v in changes.items()})
+    return dst
 
 
 REFUSED = {

@@ -138,6 +138,21 @@ def _ask(client, spec: dict) -> dict:
     return {"choices": choices, "usage": usage}
 
 
+def _all_at_once(client, specs: list[dict], timeout: float) -> list:
+    """Each request from a thread of its own, all started together; their answers (None: lost)."""
+    answers = [None] * len(specs)
+
+    def run(i):
+        answers[i] = _ask(client, specs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(specs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return answers
+
+
 def _words(i: int, n: int) -> str:
     return " ".join(WORDS[(i + j) % len(WORDS)] for j in range(n))
 
@@ -228,16 +243,7 @@ def test_32_concurrent_clients_equal_each_request_alone(tiny_server):
     specs = [_spec(i) for i in range(32)]
     requests_before = tiny_server.metric("shardlm_requests_total", 'endpoint="/v1/')
     tokens_before = tiny_server.metric("shardlm_generation_tokens_total")
-    together = [None] * len(specs)
-
-    def run(i):
-        together[i] = _ask(client, specs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(specs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    together = _all_at_once(client, specs, 300)
     assert all(r is not None for r in together)  # none lost
     alone = [_ask(client, s) for s in specs]
     for i, (a, b) in enumerate(zip(together, alone)):
@@ -378,16 +384,7 @@ def test_two_processes_serve_what_one_does(tiny_model, tiny_server, env):
     try:
         specs = [_spec(i) for i in (0, 1, 2, 5, 10, 11)]
         client = server.client(timeout=120)
-        results = [None] * len(specs)
-
-        def run(i):
-            results[i] = _ask(client, specs[i])
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(specs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(180)
+        results = _all_at_once(client, specs, 180)
         assert results == [_ask(tiny_server.client(), s) for s in specs]
         assert server.stop() == 0, "".join(server.stderr)[-3000:]
     finally:
