@@ -28,11 +28,14 @@ setup: $(VENV)/.base
 demo: $(VENV)/.base
 	$(VENV)/bin/shardlm generate --chat "What is the capital of France?"
 
+# Two workers, a file each at a time (a module's fixtures, e.g. a server, start once).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: lint
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 quick: lint
-	$(PY) -m pytest -m "not slow" -q
+	$(PYTEST) -m "not slow"
 
 # ruff comes with the test extras; its settings are in ruff.toml.
 lint: $(VENV)/.test
