@@ -112,6 +112,18 @@ def _shard_pools(k, v):
 
 # ----- sizing the pool from the device's memory -----
 
+def _host_memory(field: str) -> int | None:
+    """/proc/meminfo's `field` (e.g. "MemTotal") in bytes, None where there is no /proc."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def mesh_memory(mesh) -> int:
     """Bytes this process's devices of `mesh` can hold: their allocators' limits on GPU/TPU; on CPU
     the host's available memory (its CPU devices share it)."""
@@ -119,14 +131,13 @@ def mesh_memory(mesh) -> int:
     limits = [(d.memory_stats() or {}).get("bytes_limit") if hasattr(d, "memory_stats") else None for d in devices]
     if all(limits):
         return int(sum(limits))
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    available = _host_memory("MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _host_total() -> int:
+    total = _host_memory("MemTotal")
+    return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _per_device_bytes(shape, dtype, mesh, rules) -> int:
@@ -212,8 +223,9 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
     """The pool and limits a paged engine gets; each None is a default:
     - page_size 16 tokens;
     - num_pages: what fits in memory_fraction of the devices' memory beside the weights (default
-      0.9 on GPU/TPU, whose memory the engine owns; on CPU 0.1 of the host's available memory once
-      the weights are loaded, since the host's memory is shared), rounded down to 4 leading bits,
+      0.9 on GPU/TPU, whose memory the engine owns; on CPU 0.1 of the host's total memory, since
+      the host's memory is shared, at most what is available once the weights are loaded: the
+      total, unlike what is free, is the same from run to run), rounded down to 4 leading bits,
       capped at what max_num_seqs full sequences need when max_num_seqs is given; the same in
       every process of a multi-host job (the smallest);
     - max_num_seqs: 256, at most num_pages: the scheduler admits while the pages allow, so what
@@ -235,11 +247,11 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
     beside = 0 if cpu else weights
     if num_pages is None:
         fraction = memory_fraction or (0.1 if cpu else 0.9)
-        free = int(fraction * memory) - beside
+        free = min(int(fraction * _host_total()), memory) if cpu else int(fraction * memory) - beside
         num_pages = _agree(_coarse(free // one_page))
         if num_pages < 1:
             raise ValueError(f"no room for KV pages: the weights take {weights / 2**30:.2f} GiB, {fraction:g} of "
-                             f"the devices' {memory / 2**30:.2f} GiB is {fraction * memory / 2**30:.2f} GiB; "
+                             f"the devices' memory leaves {max(free, 0) / 2**30:.2f} GiB for pages; "
                              f"give a larger memory_fraction or kv_pages")
         if max_num_seqs is not None:
             num_pages = min(num_pages, max_num_seqs * pages_per_seq)
