@@ -28,9 +28,8 @@ setup: $(VENV)/.base
 demo: $(VENV)/.base
 	$(VENV)/bin/shardlm generate --chat "What is the capital of France?"
 
-# Two workers, each given half the tests in order (a module's fixtures, e.g. a server, mostly start
-# once), the first idle one taking tests from the other's queue.
-PYTEST := $(PY) -m pytest -q -n 2 --dist worksteal
+# Two workers, a file each at a time (a module's fixtures, e.g. a server, start once).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
 test: lint
 	$(PYTEST)
