@@ -112,8 +112,8 @@ def _shard_pools(k, v):
 
 # ----- sizing the pool from the device's memory -----
 
-def _host_memory(field: str) -> int | None:
-    """/proc/meminfo's `field` (e.g. "MemTotal") in bytes, None where there is no /proc."""
+def _host_memory(field: str, sysconf_pages: str) -> int:
+    """/proc/meminfo's `field` (MemTotal, MemAvailable) in bytes; without /proc, sysconf's pages."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -121,7 +121,7 @@ def _host_memory(field: str) -> int | None:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf(sysconf_pages)
 
 
 def mesh_memory(mesh) -> int:
@@ -131,13 +131,7 @@ def mesh_memory(mesh) -> int:
     limits = [(d.memory_stats() or {}).get("bytes_limit") if hasattr(d, "memory_stats") else None for d in devices]
     if all(limits):
         return int(sum(limits))
-    available = _host_memory("MemAvailable")
-    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def _host_total() -> int:
-    total = _host_memory("MemTotal")
-    return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return _host_memory("MemAvailable", "SC_AVPHYS_PAGES")
 
 
 def _per_device_bytes(shape, dtype, mesh, rules) -> int:
@@ -247,7 +241,7 @@ def plan_pool(cfg, *, params, mesh, rules, cache_dtype, max_seq_len: int, page_s
     beside = 0 if cpu else weights
     if num_pages is None:
         fraction = memory_fraction or (0.1 if cpu else 0.9)
-        free = min(int(fraction * _host_total()), memory) if cpu else int(fraction * memory) - beside
+        free = min(int(fraction * _host_memory("MemTotal", "SC_PHYS_PAGES")), memory) if cpu else int(fraction * memory) - beside
         num_pages = _agree(_coarse(free // one_page))
         if num_pages < 1:
             raise ValueError(f"no room for KV pages: the weights take {weights / 2**30:.2f} GiB, {fraction:g} of "
