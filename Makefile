@@ -28,8 +28,9 @@ setup: $(VENV)/.base
 demo: $(VENV)/.base
 	$(VENV)/bin/shardlm generate --chat "What is the capital of France?"
 
-# Two workers, a file each at a time (a module's fixtures, e.g. a server, start once).
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+# Two workers, a file each at a time (a module's fixtures, e.g. a server, start once), the files in
+# the order tests/conftest.py gives (the heaviest first).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: lint
 	$(PYTEST)

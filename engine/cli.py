@@ -103,10 +103,18 @@ def _compile_cache(args) -> None:
         except OSError as e:
             raise UsageError(f"--compile-cache {path} cannot be written ({e.strerror or e}); give a writable "
                              f"directory or --no-compile-cache") from None
+    import warnings
+
     import jax
 
+    from shardlm.engine import programs
+
+    plain = warnings.formatwarning  # the store's warnings as one line each: what and that the run goes on
+    warnings.formatwarning = lambda message, category, *a, **kw: (
+        f"warning: {message}\n" if category is programs.ProgramStoreWarning else plain(message, category, *a, **kw))
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program, so a rerun compiles none
+    programs.set_directory(path)  # the paged engine's step programs too, so a rerun traces none
 
 
 def _quant_args(p: argparse.ArgumentParser, kv_cache: bool = True) -> None:
@@ -323,8 +331,10 @@ def cmd_run(args) -> int:
     restore = install_signal_handlers(control)
     compile_s = [0.0]  # compiling, or loading compiled programs from the cache, for --summary
 
+    from shardlm.engine.programs import LOAD_EVENT
+
     def count_compile(event, secs, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event in ("/jax/core/compile/backend_compile_duration", LOAD_EVENT):
             compile_s[0] += secs
 
     jax.monitoring.register_event_duration_secs_listener(count_compile)

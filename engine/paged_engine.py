@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from shardlm.engine import programs
 from shardlm.engine.engine import TRACES, Step, check_prompt, forward_step
 from shardlm.engine.kv_cache import PagedKVCache
 from shardlm.engine.kv_pages import PagePool
@@ -91,6 +92,14 @@ class StepOutput(NamedTuple):
     tokens: jax.Array
     logits: jax.Array
     logprobs: tuple
+
+
+def shared_prefix_pages(tables: np.ndarray, lens: np.ndarray, page_size: int) -> np.int32:
+    """The leading pages that every row of tables [n, max_pages] holds, each full in every row
+    (a prefix the rows share: prefix-cached or forked pages), which decode reads once for all."""
+    same = (tables == tables[0]).all(axis=0)
+    n = len(same) if same.all() else int(np.argmin(same))
+    return np.int32(min(n, int(lens.min()) // page_size))
 
 
 def _sampling(samplings, rows: int):
@@ -353,6 +362,9 @@ class PagedEngine:
         executor = concurrent.futures.ThreadPoolExecutor(1)
         self._zeroed = executor.submit(init_pools_step, self.decode_spec, self.num_pages, self.page_size)
         executor.shutdown(wait=False)
+        # With a program store (programs.set_directory), each step's program is read back or compiled
+        # once and stored, then called directly: (phase, bucket) -> jax.stages.Compiled.
+        self._store, self._compiled = programs.store(), {}
 
     def _pools(self):
         if self._zeroed is not None:
@@ -403,7 +415,7 @@ class PagedEngine:
             return
         C = _pick(self.copy_buckets, len(copies))
         pairs = np.asarray(list(copies) + [copies[0]] * (C - len(copies)), np.int32)
-        self.k, self.v = copy_pages_step(self.decode_spec, self.k, self.v, pairs[:, 0], pairs[:, 1])
+        self.k, self.v = self._run("copy", C, copy_pages_step, self.decode_spec, self.k, self.v, pairs[:, 0], pairs[:, 1])
 
     def prefill(self, params, batch: PrefillBatch, pool: PagePool):
         """Run the batch's chunks (their pages allocated in `pool`) in one packed row, each chunk from
@@ -435,8 +447,9 @@ class PagedEngine:
             at += max(-(-n // Q), c.rows) * Q
         rows += [None] * (Bp - len(rows))
         meta = PageMeta(slots, pool.page_table_array(rows, self.max_pages), pool.lengths_array(rows), block_seq, q_pos)
-        self.k, self.v, *out = paged_prefill_step(self.prefill_spec, params, self.k, self.v, tokens, positions,
-                                                  meta, last, *_sampling(samplings, Bp), _wants_logprobs(samplings))
+        self.k, self.v, *out = self._run("prefill", T, paged_prefill_step, self.prefill_spec, params, self.k, self.v,
+                                         tokens, positions, meta, last, *_sampling(samplings, Bp),
+                                         _wants_logprobs(samplings))
         return StepOutput(*out)
 
     def decode(self, params, batch: DecodeBatch, pool: PagePool):
@@ -453,9 +466,11 @@ class PagedEngine:
         tokens[:n], positions[:n] = batch.tokens, batch.positions
         for i, (seq_id, pos) in enumerate(zip(batch.seq_ids, batch.positions)):
             slots[i] = pool.slot_mapping(seq_id, pos, 1)[0]
-        meta = PageMeta(slots, pool.page_table_array(rows, self.max_pages), pool.lengths_array(rows))
-        self.k, self.v, *out = paged_decode_step(self.decode_spec, params, self.k, self.v, tokens, positions,
-                                                 meta, *_sampling(batch.samplings, B), _wants_logprobs(batch.samplings))
+        tables, lens = pool.page_table_array(rows, self.max_pages), pool.lengths_array(rows)
+        meta = PageMeta(slots, tables, lens, shared_pages=shared_prefix_pages(tables[:n], lens[:n], self.page_size))
+        self.k, self.v, *out = self._run("decode", B, paged_decode_step, self.decode_spec, params, self.k, self.v,
+                                         tokens, positions, meta, *_sampling(batch.samplings, B),
+                                         _wants_logprobs(batch.samplings))
         return StepOutput(*out)
 
     def prefill_rows(self, T: int) -> int:
@@ -490,27 +505,44 @@ class PagedEngine:
         fresh dense cache of T slots (in the pool's dtype), under the prefill rules."""
         return forward_step(self.prefill_spec, params, np.asarray(tokens, np.int32))
 
-    def _lowered(self, phase: str, bucket: int | None = None):
-        """One step lowered for its bucket: "decode" at batch bucket `bucket` (default max_num_seqs)
-        or "prefill" at token bucket `bucket` (default the smallest), on padding-only inputs; "copy"
-        of `bucket` pages (forked samples)."""
+    def _run(self, phase: str, bucket: int, jitted, static, *args):
+        """One step: jitted(static, *args), or with a program store its program read back or compiled
+        and stored once, then called directly (no tracing at all)."""
+        if self._store is None:
+            return jitted(static, *args)
+        program = self._compiled.get((phase, bucket))
+        if program is None:
+            program = self._compiled[phase, bucket] = self._store.compiled(phase, jitted, static, *args)
+        return program(*args)
+
+    def _example(self, phase: str, bucket: int | None = None):
+        """(jitted step, static Step, padding-only arguments, bucket) of one step: "decode" at batch
+        bucket `bucket` (default max_num_seqs) or "prefill" at token bucket `bucket` (default the
+        smallest); "copy" of `bucket` pages (forked samples)."""
         if phase == "copy":
-            pages = np.zeros(bucket or 1, np.int32)
-            return copy_pages_step.lower(self.decode_spec, self.k, self.v, pages, pages)
+            C = bucket or 1
+            pages = np.zeros(C, np.int32)
+            return copy_pages_step, self.decode_spec, (self.k, self.v, pages, pages), C
         if phase == "decode":
             B = bucket or self.max_num_seqs
-            meta = PageMeta(np.full(B, -1, np.int32), np.zeros((B, self.max_pages), np.int32), np.zeros(B, np.int32))
-            return paged_decode_step.lower(self.decode_spec, self.params, self.k, self.v, np.zeros(B, np.int32),
-                                           np.zeros(B, np.int32), meta, *_sampling([], B), np.bool_(False))
+            meta = PageMeta(np.full(B, -1, np.int32), np.zeros((B, self.max_pages), np.int32), np.zeros(B, np.int32),
+                            shared_pages=np.int32(0))
+            return paged_decode_step, self.decode_spec, (self.params, self.k, self.v, np.zeros(B, np.int32),
+                                                         np.zeros(B, np.int32), meta, *_sampling([], B),
+                                                         np.bool_(False)), B
         if phase == "prefill":
             T = bucket or self.token_buckets[0]
             Bp = self.prefill_rows(T)
             meta = PageMeta(np.full(T, -1, np.int32), np.zeros((Bp, self.max_pages), np.int32), np.zeros(Bp, np.int32),
                             np.full(T // self.query_block, -1, np.int32), np.full(T, -1, np.int32))
-            return paged_prefill_step.lower(self.prefill_spec, self.params, self.k, self.v, np.zeros((1, T), np.int32),
-                                            np.zeros((1, T), np.int32), meta, np.zeros(Bp, np.int32),
-                                            *_sampling([], Bp), np.bool_(False))
+            return paged_prefill_step, self.prefill_spec, (self.params, self.k, self.v, np.zeros((1, T), np.int32),
+                                                           np.zeros((1, T), np.int32), meta, np.zeros(Bp, np.int32),
+                                                           *_sampling([], Bp), np.bool_(False)), T
         raise ValueError(f"phase must be decode, prefill or copy, got {phase!r}")
+
+    def _lowered(self, phase: str, bucket: int | None = None):
+        jitted, static, args, _ = self._example(phase, bucket)
+        return jitted.lower(static, *args)
 
     def compiled_text(self, phase: str = "decode", bucket: int | None = None) -> str:
         """The optimized HLO of one step: "decode" (at batch bucket `bucket`, default max_num_seqs)
@@ -530,7 +562,11 @@ class PagedEngine:
         bucket, seconds)` after each."""
         for phase, bucket in self.programs():
             t0 = time.perf_counter()
-            self._lowered(phase, bucket).compile()
+            if self._store is None:
+                self._lowered(phase, bucket).compile()  # jit's cache keeps it for the steps
+            else:
+                jitted, static, args, bucket = self._example(phase, bucket)
+                self._compiled[phase, bucket] = self._store.compiled(phase, jitted, static, *args)
             if on_program is not None:
                 on_program(phase, bucket, time.perf_counter() - t0)
 

@@ -83,6 +83,9 @@ class PageMeta:
     kv_lens: jax.Array  # [B or Bp] int32 tokens held after this step's are written
     seq_ids: jax.Array | None = None  # packed prefill: [T / Q] int32 page-table row per query block, -1: padding
     q_positions: jax.Array | None = None  # packed prefill: [T] int32 position in its sequence, -1: padding
+    # decode: int32 scalar, the leading pages every live row holds in common (full pages of a shared
+    # prefix), which attention reads once for the batch
+    shared_pages: jax.Array | None = None
 
     @property
     def packed(self) -> bool:
@@ -110,5 +113,5 @@ class PagedKV:
                                   m.q_positions, m.seq_ids, query_block=B * T // m.seq_ids.shape[0]
                                   ).reshape(B, T, N, H)
         else:
-            out = paged_attention(q, k_pages, v_pages, m.page_tables, m.kv_lens)
+            out = paged_attention(q, k_pages, v_pages, m.page_tables, m.kv_lens, shared_pages=m.shared_pages)
         return out, dataclasses.replace(self, k=k_pages, v=v_pages)

@@ -41,6 +41,7 @@ KV_PAGES_AXES = ("kv_pages", "page_slot", "attn_kv_heads", "head_dim")
 # with SmolLM2: a decode step of 64 rows over 150 live tokens 290 ms against 332 in blocks of 256
 # tokens (12 MiB), a packed prefill of 512 tokens 860 ms against 1012; 8 rows already fit.
 BLOCK_TOKENS, CPU_BLOCK_BYTES = 256, 3 << 19
+SHARED_BLOCK_TOKENS = 64
 
 
 def default_pages_per_block(rows: int, page_size: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
@@ -75,7 +76,7 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
     return write(k_pages, k), write(v_pages, v)
 
 
-def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None, seq_ids=None, *,
+def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None, seq_ids=None, shared_pages=None, *,
                     scale: float | None = None, pages_per_block: int | None = None, query_block: int = 1):
     """Attention of q over the pool; returns q's shape and dtype.
 
@@ -84,7 +85,9 @@ def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None,
     [T_total] and seq_ids [T_total / query_block] (packed). page_tables [B, max_pages] int32,
     kv_lens [B] int32. A query with seq_id < 0 or position < 0 sees nothing and returns zeros.
     `scale` defaults to H**-0.5; `pages_per_block` (static) is the number of pages read per loop
-    step, default `default_pages_per_block`.
+    step, default `default_pages_per_block`. `shared_pages` (q [B, T, N, H] only; int32 scalar): the
+    first shared_pages pages are the same full pages in every row that holds tokens (a prefix they
+    share); they are read once for all rows (cascade attention), the rest row by row.
     """
     packed = q.ndim == 3
     if packed:
@@ -99,6 +102,8 @@ def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None,
     else:
         if seq_ids is not None:
             raise ValueError("seq_ids is for packed q [T_total, N, H]; q [B, T, N, H] row b is sequence b")
+        if shared_pages is not None and packed:
+            raise ValueError("shared_pages is for q [B, T, N, H]")
         rows, row_seq = q, jnp.arange(q.shape[0], dtype=jnp.int32)  # [R = B, T, N, H]
         if q_positions is None:
             if q.shape[1] != 1:
@@ -107,61 +112,84 @@ def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None,
         else:
             pos = q_positions.astype(jnp.int32)
     out = _attend(rows, k_pages, v_pages, page_tables, kv_lens, row_seq, pos,
-                  q.shape[-1] ** -0.5 if scale is None else scale, pages_per_block)
+                  q.shape[-1] ** -0.5 if scale is None else scale, pages_per_block, shared_pages)
     return out.reshape(q.shape) if packed else out
 
 
-def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, pages_per_block):
-    """q [R, T, N, H] with row_seq [R] (page-table row of each query row) and pos [R, T]."""
+def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, pages_per_block, shared_pages=None):
+    """q [R, T, N, H] with row_seq [R] (page-table row of each query row) and pos [R, T]; the first
+    shared_pages pages of page_tables[0] (the same in every row holding tokens) read once for all."""
     R, T, N, H = q.shape
     k_vals, _ = _values(k_pages)
     num_pages, P, K, _ = k_vals.shape
     G = N // K
     B, max_pages = page_tables.shape
     ppb = max(1, min(pages_per_block or default_pages_per_block(R, P, K, H, k_vals.dtype.itemsize), max_pages))
-    n_blocks_max = -(-max_pages // ppb)
     S_blk = ppb * P  # keys per loop step
 
     valid_row = (row_seq >= 0) & (row_seq < B)
     seq = jnp.clip(row_seq, 0, B - 1)
     tables = jnp.clip(page_tables[seq], 0, num_pages - 1)  # [R, max_pages]
-    tables = jnp.pad(tables, ((0, 0), (0, n_blocks_max * ppb - max_pages)))
+    # Room for a block starting at any page: the row loop may start after the shared pages.
+    tables = jnp.pad(tables, ((0, 0), (0, ppb)))
     lens = jnp.where(valid_row, kv_lens[seq], 0)  # [R]
     # Keys visible to query (r, t): positions j < lens[r] and j <= pos[r, t].
     limit = jnp.minimum(pos + 1, lens[:, None])  # [R, T]
     n_live = jnp.max(limit, initial=0)
-    n_blocks = jnp.minimum((n_live + S_blk - 1) // S_blk, n_blocks_max)
-
     qg = q.reshape(R, T, K, G, H)
 
-    def gather(pages, ids):  # pages [num_pages, P, K, h], ids [R, ppb] -> [R, S_blk, K, h]
-        return pages[ids].reshape((R, S_blk) + pages.shape[2:])
-
-    def body(i, carry):
+    def update(carry, kb, ks, vb, vs, j, spec):
+        """The online softmax over one block of keys kb/vb (spec "rskh": a block per row, "skh": one
+        block for every row) at positions j [S]."""
         m, denom, acc = carry  # [R, K, G, T], [R, K, G, T], [R, K, G, T, H] float32
-        ids = jax.lax.dynamic_slice_in_dim(tables, i * ppb, ppb, axis=1)  # [R, ppb]
-        (kb, ks), (vb, vs) = (jax.tree.map(lambda p: gather(p, ids), _values(x)) for x in (k_pages, v_pages))
-        s = jnp.einsum("rtkgh,rskh->rkgts", qg, kb.astype(q.dtype), preferred_element_type=jnp.float32)
+        s = jnp.einsum(f"rtkgh,{spec}->rkgts", qg, kb.astype(q.dtype), preferred_element_type=jnp.float32)
+        scales = lambda x: jnp.moveaxis(x[..., 0], -1, -2)[..., :, None, None, :]  # noqa: E731 - [.., K, 1, 1, S]
         if ks is not None:  # per-(token, head) scales factor out of the sum over H
-            s = s * jnp.transpose(ks[..., 0], (0, 2, 1))[:, :, None, None, :]
+            s = s * scales(ks)
         s = s * scale
-        j = i * S_blk + jnp.arange(S_blk)  # [S_blk] positions within each sequence
-        visible = j[None, None, :] < limit[:, :, None]  # [R, T, S_blk]
+        visible = j[None, None, :] < limit[:, :, None]  # [R, T, S]
         s = jnp.where(visible[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
         alpha = jnp.exp(m - m_safe)
-        p = jnp.exp(s - m_safe[..., None])  # [R, K, G, T, S_blk]; masked keys give exactly 0
+        p = jnp.exp(s - m_safe[..., None])  # [R, K, G, T, S]; masked keys give exactly 0
         denom = alpha * denom + jnp.sum(p, axis=-1)
         if vs is not None:  # and out of the sum over S, as weights on the probabilities
-            p = p * jnp.transpose(vs[..., 0], (0, 2, 1))[:, :, None, None, :]
+            p = p * scales(vs)
         pv_dtype = q.dtype if vs is not None else vb.dtype
-        pv = jnp.einsum("rkgts,rskh->rkgth", p.astype(pv_dtype), vb.astype(pv_dtype),
+        pv = jnp.einsum(f"rkgts,{spec}->rkgth", p.astype(pv_dtype), vb.astype(pv_dtype),
                         preferred_element_type=jnp.float32)
         return m_new, denom, alpha[..., None] * acc + pv
 
-    init = (jnp.full((R, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((R, K, G, T), jnp.float32),
-            jnp.zeros((R, K, G, T, H), jnp.float32))
-    _, denom, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    def blocks(ids):  # ids [..., n] -> ((k, k scale), (v, v scale)) [..., n * P, K, h]
+        def gather(pages):
+            return pages[ids].reshape(ids.shape[:-1] + (ids.shape[-1] * P,) + pages.shape[2:])
+        return (jax.tree.map(gather, _values(x)) for x in (k_pages, v_pages))
+
+    carry = (jnp.full((R, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((R, K, G, T), jnp.float32),
+             jnp.zeros((R, K, G, T, H), jnp.float32))
+    start = 0  # the first page the row loop reads
+    if shared_pages is not None:
+        # One gather per block for all rows, and a [R * G, H] x [H, S] product per kv head; blocks of
+        # SHARED_BLOCK_TOKENS, so a short shared prefix (a chat template's system line) costs little.
+        sppb = max(1, SHARED_BLOCK_TOKENS // P)
+        shared = jnp.pad(tables[0], (0, sppb))
+        start = jnp.clip(shared_pages.astype(jnp.int32), 0, max_pages)
+
+        def shared_body(i, carry):
+            (kb, ks), (vb, vs) = blocks(jax.lax.dynamic_slice_in_dim(shared, i * sppb, sppb))
+            j = i * sppb * P + jnp.arange(sppb * P)
+            j = jnp.where(j < start * P, j, jnp.iinfo(jnp.int32).max)  # past the shared pages: the rows' own
+            return update(carry, kb, ks, vb, vs, j, "skh")
+
+        carry = jax.lax.fori_loop(0, (start + sppb - 1) // sppb, shared_body, carry)
+
+    def body(i, carry):
+        first = start + i * ppb
+        (kb, ks), (vb, vs) = blocks(jax.lax.dynamic_slice_in_dim(tables, first, ppb, axis=1))  # [R, S_blk, ..]
+        return update(carry, kb, ks, vb, vs, first * P + jnp.arange(S_blk), "rskh")
+
+    n_blocks = jnp.maximum(n_live - start * P + S_blk - 1, 0) // S_blk
+    _, denom, acc = jax.lax.fori_loop(0, n_blocks, body, carry)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # nothing visible -> zeros
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(R, T, N, H).astype(q.dtype)

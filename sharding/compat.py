@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 
 try:  # jax >= 0.7 exports shard_map at the top level (check_vma); older releases in experimental (check_rep)
@@ -27,3 +29,21 @@ def cluster_detected() -> bool:
     except ImportError:  # pragma: no cover - jax moved them
         return False
     return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
+
+
+
+@contextlib.contextmanager
+def without_compilation_cache():
+    """Compiles inside skip JAX's persistent compilation cache, reading and writing (an executable
+    XLA:CPU reads back from that cache serializes without its code). JAX decides once per process
+    whether its cache is in use: reset_cache makes it decide again, on the way in and out."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        compilation_cache.reset_cache()

@@ -121,6 +121,7 @@ def test_sigint_to_generate_exits_130_every_time(tiny):
 COUNT_COMPILES = """import collections, json, sys, jax
 events = collections.Counter()
 jax.monitoring.register_event_listener(lambda event, **kw: events.update([event]))
+jax.monitoring.register_event_duration_secs_listener(lambda event, secs, **kw: events.update([event]))
 from shardlm.engine.cli import main
 rc = main(sys.argv[1:])
 print("EVENTS" + json.dumps(events), file=sys.stderr)
@@ -130,22 +131,41 @@ sys.exit(rc)
 
 @pytest.mark.slow
 def test_second_run_with_the_compile_cache_compiles_nothing(tiny, tmp_path):
+    from shardlm.engine.programs import LOAD_EVENT
+
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     # A fixed pool: the default one follows the host's free memory, whose swings between two runs of a
     # busy machine can change its shape (and so the programs).
-    args = ["generate", "--model", tiny, "--max-new-tokens", "5", "--json", "--compile-cache", str(tmp_path / "cc"),
-            "--kv-pages", "256", "hi", "a longer prompt"]
-    runs = [subprocess.run([sys.executable, "-c", COUNT_COMPILES, *args], capture_output=True, text=True, env=env,
-                           timeout=300) for _ in range(2)]
-    for p in runs:
+    args = ["generate", "--model", tiny, "--max-new-tokens", "5", "--json", "--kv-pages", "256", "hi",
+            "a longer prompt"]
+    cached = args + ["--compile-cache", str(tmp_path / "cc")]
+
+    def run(argv):
+        p = subprocess.run([sys.executable, "-c", COUNT_COMPILES, *argv], capture_output=True, text=True, env=env,
+                           timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
-    first, second = (json.loads(p.stderr.rsplit("EVENTS", 1)[1].splitlines()[0]) for p in runs)
-    cache = "/jax/compilation_cache/"
-    # Every program of both runs asked the cache; the first compiled them, the second read them back.
-    assert first[cache + "compile_requests_use_cache"] == first[cache + "cache_misses"] > 0, first
-    assert second[cache + "compile_requests_use_cache"] == second[cache + "cache_hits"] == first[cache + "cache_misses"]
+        return p, json.loads(p.stderr.rsplit("EVENTS", 1)[1].splitlines()[0])
+
+    (p1, first), (p2, second) = run(cached), run(cached)
+    cache, compiled = "/jax/compilation_cache/", "/jax/core/compile/backend_compile_duration"
+    stored = sorted((tmp_path / "cc" / "shardlm-programs").iterdir())
+    # The first run compiled every program: the steps (prefill, decode) for the store, beside JAX's
+    # cache; the pools' zeroing through it.
+    assert len(stored) == 2 and LOAD_EVENT not in first and first[compiled] == 3, (stored, first)
+    assert first[cache + "compile_requests_use_cache"] == first[cache + "cache_misses"] == 1, first
+    # The second compiled nothing: it read the steps back (no tracing), and JAX's cache served the rest.
+    assert second[LOAD_EVENT] == len(stored), second
     assert second.get(cache + "cache_misses", 0) == 0, second
-    assert runs[0].stdout == runs[1].stdout  # the same completions from the programs read back
+    assert second[cache + "compile_requests_use_cache"] == second[cache + "cache_hits"] == 1, second
+    assert p1.stdout == p2.stdout  # the same completions from the programs read back
+    # A torn entry is a miss: compiled again, stored whole, the same completions.
+    for path in stored:
+        path.write_bytes(path.read_bytes()[:100])
+    p3, third = run(cached)
+    assert "not loaded" in p3.stderr and LOAD_EVENT not in third and third[compiled] == first[compiled], third
+    assert p3.stdout == p1.stdout and run(cached)[1][LOAD_EVENT] == len(stored)
+    # And the store's programs compute what jit's do.
+    assert run(args + ["--no-compile-cache"])[0].stdout == p1.stdout
 
 
 @pytest.mark.slow

@@ -217,6 +217,41 @@ def test_written_pool_decodes_like_reference(int8):
         assert _max_err(out[b], _reference(q[b], k[b], v[b], [n])) < ATOL
 
 
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("P,shared,pages_per_block", [(4, 5, 3), (16, 2, None), (16, 0, None), (8, 40, 2)])
+def test_shared_prefix_read_once_equals_row_by_row(int8, P, shared, pages_per_block):
+    """Rows whose first `shared` pages are the same pages (a cached prefix) read them once for the
+    batch (cascade): the same output as reading them row by row, and as the reference."""
+    rng = np.random.default_rng(P + shared)
+    K, N, S0 = 2, 4, shared * P
+    lens = [S0 + 3, S0 + P, S0 + 2 * P + 1, 0, S0 + 1]  # row 3: padding
+    tables, num_pages = _layout(rng, [max(n, 1) for n in lens], P)
+    tables[:, :shared] = tables[0, :shared]  # every row's prefix lives in row 0's pages
+    k, v = (rng.standard_normal((len(lens), max(lens), K, H)).astype(np.float32) for _ in range(2))
+    k[:, :S0], v[:, :S0] = k[0, :S0], v[0, :S0]
+    rows = [(b, np.arange(0 if b == 0 else S0, n)) for b, n in enumerate(lens)]
+    slots = np.concatenate([_slots(tables, P, b, pos) for b, pos in rows]).astype(np.int32)
+    shape = (num_pages, P, K, H)
+    if int8:
+        pages = lambda: quant.QuantizedKV(jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3] + (1,), jnp.float32))  # noqa: E731
+    else:
+        pages = lambda: jnp.asarray(1e3 * rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    k_pages, v_pages = jax.jit(write_kv)(pages(), pages(), jnp.asarray(np.concatenate([k[b, p] for b, p in rows])),
+                                         jnp.asarray(np.concatenate([v[b, p] for b, p in rows])), jnp.asarray(slots))
+    q = jnp.asarray(rng.standard_normal((len(lens), 1, N, H)).astype(np.float32))
+    args = (q, k_pages, v_pages, jnp.asarray(tables), jnp.asarray(lens, jnp.int32))
+    from shardlm.engine.paged_engine import shared_prefix_pages
+
+    live = [b for b, n in enumerate(lens) if n]
+    assert shared_prefix_pages(tables[live], np.asarray(lens)[live], P) == shared
+    once = attend(*args, shared_pages=jnp.int32(shared), pages_per_block=pages_per_block)
+    by_row = attend(*args, pages_per_block=pages_per_block)
+    assert _max_err(once, np.asarray(by_row)) < ATOL and not np.asarray(once[3]).any()
+    if not int8:
+        for b, n in enumerate(lens):
+            assert _max_err(once[b], _reference(q[b], k[b], v[b], [n])) < ATOL
+
+
 @pytest.mark.parametrize("int8_kv", [False, True])
 @pytest.mark.slow
 def test_equals_the_models_dense_attention(int8_kv):
