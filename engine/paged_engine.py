@@ -510,9 +510,12 @@ class PagedEngine:
         and stored once, then called directly (no tracing at all)."""
         if self._store is None:
             return jitted(static, *args)
-        program = self._compiled.get((phase, bucket))
+        # The pools come out of a step sharded by its own rules (prefill's and decode's may differ),
+        # so each step has a program per pool sharding, as jit would.
+        key = (phase, bucket, jax.tree.leaves(self._k)[0].sharding)
+        program = self._compiled.get(key)
         if program is None:
-            program = self._compiled[phase, bucket] = self._store.compiled(phase, jitted, static, *args)
+            program = self._compiled[key] = self._store.compiled(phase, jitted, static, *args)
         return program(*args)
 
     def _example(self, phase: str, bucket: int | None = None):
@@ -566,7 +569,8 @@ class PagedEngine:
                 self._lowered(phase, bucket).compile()  # jit's cache keeps it for the steps
             else:
                 jitted, static, args, bucket = self._example(phase, bucket)
-                self._compiled[phase, bucket] = self._store.compiled(phase, jitted, static, *args)
+                key = (phase, bucket, jax.tree.leaves(self._k)[0].sharding)
+                self._compiled[key] = self._store.compiled(phase, jitted, static, *args)
             if on_program is not None:
                 on_program(phase, bucket, time.perf_counter() - t0)
 
