@@ -510,13 +510,16 @@ class PagedEngine:
         and stored once, then called directly (no tracing at all)."""
         if self._store is None:
             return jitted(static, *args)
+        return self._program(phase, bucket, jitted, static, args)(*args)
+
+    def _program(self, phase: str, bucket: int, jitted, static, args):
+        """The store's program of one step for these arguments, kept for the engine's later steps."""
         # The pools come out of a step sharded by its own rules (prefill's and decode's may differ),
         # so each step has a program per pool sharding, as jit would.
         key = (phase, bucket, jax.tree.leaves(self._k)[0].sharding)
-        program = self._compiled.get(key)
-        if program is None:
-            program = self._compiled[key] = self._store.compiled(phase, jitted, static, *args)
-        return program(*args)
+        if key not in self._compiled:
+            self._compiled[key] = self._store.compiled(phase, jitted, static, *args)
+        return self._compiled[key]
 
     def _example(self, phase: str, bucket: int | None = None):
         """(jitted step, static Step, padding-only arguments, bucket) of one step: "decode" at batch
@@ -569,8 +572,7 @@ class PagedEngine:
                 self._lowered(phase, bucket).compile()  # jit's cache keeps it for the steps
             else:
                 jitted, static, args, bucket = self._example(phase, bucket)
-                key = (phase, bucket, jax.tree.leaves(self._k)[0].sharding)
-                self._compiled[key] = self._store.compiled(phase, jitted, static, *args)
+                self._program(phase, bucket, jitted, static, args)
             if on_program is not None:
                 on_program(phase, bucket, time.perf_counter() - t0)
 
