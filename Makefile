@@ -29,8 +29,8 @@ demo: $(VENV)/.base
 	$(VENV)/bin/shardlm generate --chat "What is the capital of France?"
 
 # Two workers, a file each at a time (a module's fixtures, e.g. a server, start once), the files in
-# the order tests/conftest.py gives (the heaviest first).
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+# the order tests/conftest.py gives (the heaviest first); the 25 slowest tests listed at the end.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 test: lint
 	$(PYTEST)
