@@ -8,22 +8,30 @@ tests/test_planner.py). Attention projections follow the feed-forward layout wit
 of F; batch-sharded attention (Fig. 4c/5b) adds an all-to-all of Q before the attention core and
 of its output after it.
 
-Cost model (Pope et al. App. A.1), per chip, with K the devices of one collective's group:
-    all-gather     per-chip output bytes x (K-1)/K / bw
-    reduce-scatter per-chip input bytes  x (K-1)/K / bw
-    all-reduce     2 x per-chip input bytes x (K-1)/K / bw
-    all-to-all     per-chip input bytes  x (K-1)/K / bw
-The paper drops (K-1)/K (K >> 1); we keep it, because the engine gathers a weight dimension by
-dimension (x, then y/z) and only with the factor does that cost the same as one gather over all
-of them. bw is the chip's one "network bandwidth" (its inter-chip bandwidth per axis times its
-axes: 270 GB/s for TPU v4, as the paper uses), or the data-centre network beyond one ICI/NVLink
-domain.
+Bytes (Pope et al. App. A.1), per chip, with K the devices of one collective's group:
+    all-gather     per-chip output bytes x (K-1)/K
+    reduce-scatter per-chip input bytes  x (K-1)/K
+    all-reduce     2 x per-chip input bytes x (K-1)/K
+    all-to-all     per-chip input bytes  x (K-1)/K
+(`Coll.cost_bytes`; the paper drops (K-1)/K, we keep it, because the engine gathers a weight
+dimension by dimension and only with the factor does that cost the same as one gather.)
 
-Overlap model: step = max(compute, memory) + communication. Compute and HBM traffic overlap (a
-roofline); communication is not hidden (the paper's Looped CollectiveEinsum hides part of it
-behind the matmuls, so this is pessimistic for large-batch weight-stationary layouts and exact for
-none). Matmuls run at the bf16 peak even with int8 weights ("the matmuls still use bfloat16
-arithmetic", Pope et al. 4.4); int8 weights halve weight bytes, held and moved.
+Time (`Coll.phases`), alpha-beta on the torus: a collective runs one bidirectional ring per mesh
+axis it spans, in turn; each ring costs a fixed overhead, alpha per ring step (K // 2 hops) and its
+bytes over that axis' two links (chips.json: ici_bw_per_axis, hop_latency_s,
+collective_overhead_s, with their sources; beyond ici_domain, dcn_bw). A weight-gathered layout's
+weights instead travel one way around one ring through all the gathered chips, as Pope et al.'s
+code streams them.
+
+Overlap (`step_time`): Looped CollectiveEinsum (Pope et al. 3.5, Wang et al. 2023) cuts a
+collective that feeds or follows a matmul into K chunks and runs all but one under the matmul. It
+applies to single-axis activation collectives (the authors' loops run over one mesh axis) and to
+weight rings; the rest (activation collectives over several axes, all-to-alls, the all-gather half
+of an all-reduce, norm statistics) adds. step = max(compute, HBM, hidden communication) + the
+exposed chunks + the rest; comm_s is every collective's time, hidden or not. Compute and HBM
+traffic overlap (a roofline); matmuls run at the bf16 peak even with int8 weights ("the matmuls
+still use bfloat16 arithmetic", Pope et al. 4.4); int8 weights halve weight bytes, held and moved.
+benchmarks/results/planner_vs_paper.md compares the result with the paper's measurements.
 MFU = 2 N tokens / (chips x peak x step) as in Pope et al. (N: the unpadded parameter count);
 MBU = HBM bytes per step / (step x HBM bandwidth).
 """
@@ -36,7 +44,7 @@ import math
 import pathlib
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from shardlm.sharding.layouts import LAYOUTS, XYZ, get_layout
 
@@ -53,11 +61,13 @@ class Chip:
     int8_flops: float
     hbm_bytes: float
     hbm_bw: float  # bytes/s
-    ici_bw_per_axis: float  # one-way bytes/s per torus axis (or per switch port group)
+    ici_bw_per_axis: float  # bytes/s one ring over one torus axis moves: its two links, one each way
     ici_axes: int
     ici_domain: int  # most chips on the fast interconnect
     dcn_bw: float  # bytes/s per chip beyond ici_domain
     source: str
+    hop_latency_s: float = 0.0  # alpha: one ring step to a neighbour
+    collective_overhead_s: float = 0.0  # fixed cost of one ring (one per mesh axis a collective spans)
 
     @property
     def ici_bw(self) -> float:
@@ -65,6 +75,10 @@ class Chip:
 
     def network_bw(self, n_chips: int) -> float:
         return self.ici_bw if n_chips <= self.ici_domain else self.dcn_bw
+
+    def axis_bw(self, n_chips: int) -> float:
+        """Bytes/s one ring over one mesh axis moves (its links in both directions)."""
+        return self.ici_bw_per_axis if n_chips <= self.ici_domain else self.dcn_bw
 
 
 @functools.cache
@@ -159,6 +173,45 @@ class Coll:
     what: str  # which tensor
     group: int  # devices in one group
     operand_bytes: int  # per-device input (as sharding.collectives reports it)
+    axis_sizes: tuple = ()  # sizes of the mesh axes the group spans, in order (empty: one axis of `group`)
+    looped: bool = False  # feeds or follows a matmul that can hide it (Looped CollectiveEinsum)
+    ring: int = 0  # chips a weight streams around (all the gathered ones); 0: the group
+
+    def phases(self, chip: "Chip", bw_per_axis: float) -> list[tuple[int, float, bool]]:
+        """(ring length, seconds, hidden by a loop) of each ring this collective runs: alpha-beta on
+        a torus.
+
+        Activations: one bidirectional ring per mesh axis in turn, each ring step one hop (alpha =
+        chip.hop_latency_s), each phase's bytes over that axis' two links (bw_per_axis, both
+        directions), plus chip.collective_overhead_s per ring. A weight-gathered layout's weights
+        instead travel one way around one ring through all the gathered chips, one link at a
+        time, as Pope et al.'s code moves them (matmul_collective_weights_gather_*: a ppermute to
+        the next chip under each partial matmul). all-reduce = reduce-scatter + all-gather; only
+        its reduce-scatter half follows a matmul."""
+        if self.kind == "all-reduce":
+            return (replace(self, kind="reduce-scatter").phases(chip, bw_per_axis)
+                    + [(k, t, False) for k, t, _ in replace(self, kind="all-gather", operand_bytes=self.operand_bytes
+                                                             / self.group).phases(chip, bw_per_axis)])
+        if self.what.endswith(" weight"):
+            k = self.group
+            t = chip.collective_overhead_s + (k - 1) * chip.hop_latency_s + self.operand_bytes * (k - 1) / (bw_per_axis / 2)
+            return [(self.ring or k, t, self.looped)]
+        sizes = [k for k in self.axis_sizes or (self.group,) if k > 1]
+        # Pope et al.'s looped collective einsums (matmul_reducescatter_*, allgather_matmul_*) loop
+        # over one mesh axis: a collective of activations over several axes runs plain.
+        hideable = self.looped and len(sizes) == 1
+        data, out = float(self.operand_bytes), []
+        for k in sizes:
+            if self.kind == "all-gather":
+                data *= k  # this phase's output
+            t = chip.collective_overhead_s + k // 2 * chip.hop_latency_s + data * (k - 1) / k / bw_per_axis
+            out.append((k, t, hideable))
+            if self.kind == "reduce-scatter":
+                data /= k
+        return out
+
+    def time_s(self, chip: "Chip", bw_per_axis: float) -> float:
+        return sum(t for _, t, _ in self.phases(chip, bw_per_axis))
 
     @property
     def cost_bytes(self) -> float:
@@ -179,6 +232,9 @@ class _Ctx:
     def size(self, axes) -> int:
         return math.prod(self.mesh.shape[a] for a in axes)
 
+    def sizes(self, axes) -> tuple[int, ...]:
+        return tuple(self.mesh.shape[a] for a in axes)
+
     def axes(self, name: str, dim: int) -> tuple[str, ...]:
         """The mesh axes that split a dimension of size `dim` named `name` (as rules.spec keeps them)."""
         entry = self.rules.spec((name,), (dim,), self.mesh)[0]
@@ -192,7 +248,8 @@ def _weight_gathers(ctx, block, what, dims, wb) -> list[Coll]:
     for _, ax in dims:
         g = tuple(a for a in ax if a in ctx.gathered)
         if g:
-            out.append(Coll(block, "all-gather", f"{what} weight", ctx.size(g), local))
+            out.append(Coll(block, "all-gather", f"{what} weight", ctx.size(g), local, ctx.sizes(g), looped=True,
+                            ring=ctx.size(ctx.gathered)))
             local *= ctx.size(g)
     return out
 
@@ -205,14 +262,16 @@ def _project_in(ctx, block, tokens, E, weights, ab, wb, gather_x=True) -> list[C
     out = []
     g = tuple(a for a in e_res if a not in e_w)
     if g and gather_x:
-        out.append(Coll(block, "all-gather", "residual", ctx.size(g), tokens * E // ctx.size(e_res) * ab))
+        out.append(Coll(block, "all-gather", "residual", ctx.size(g), tokens * E // ctx.size(e_res) * ab, ctx.sizes(g),
+                        looped=True))
     for name, F, rest, f_name in weights:
         f_ax = ctx.axes(f_name, F)
         out += _weight_gathers(ctx, block, name, [(E, e_ax), (F, f_ax), (rest, ())], wb)
         f_local = F // ctx.size(tuple(a for a in f_ax if a not in ctx.gathered))
         if e_w:
             kind = "reduce-scatter" if f_local % ctx.size(e_w) == 0 else "all-reduce"
-            out.append(Coll(block, kind, f"{name} output", ctx.size(e_w), tokens * f_local * rest * ab))
+            out.append(Coll(block, kind, f"{name} output", ctx.size(e_w), tokens * f_local * rest * ab, ctx.sizes(e_w),
+                            looped=True))
     return out
 
 
@@ -224,11 +283,13 @@ def _project_out(ctx, block, tokens, E, name, F, rest, f_name, ab, wb, scatter_o
     f_local = F // ctx.size(f_w)
     out = []
     if e_w and f_local % ctx.size(e_w) == 0:
-        out.append(Coll(block, "all-gather", f"{name} input", ctx.size(e_w), tokens * f_local // ctx.size(e_w) * rest * ab))
+        out.append(Coll(block, "all-gather", f"{name} input", ctx.size(e_w), tokens * f_local // ctx.size(e_w) * rest * ab,
+                        ctx.sizes(e_w), looped=True))
     out += _weight_gathers(ctx, block, name, [(F, f_ax), (rest, ()), (E, e_ax)], wb)
     if f_w and scatter_out:
         kind = "reduce-scatter" if (E // ctx.size(e_w)) % ctx.size(f_w) == 0 else "all-reduce"
-        out.append(Coll(block, kind, f"{name} output", ctx.size(f_w), tokens * (E // ctx.size(e_w)) * ab))
+        out.append(Coll(block, kind, f"{name} output", ctx.size(f_w), tokens * (E // ctx.size(e_w)) * ab, ctx.sizes(f_w),
+                        looped=True))
     return out
 
 
@@ -250,14 +311,14 @@ def layer_collectives(ctx: _Ctx, s: _Shape, batch: int, seq: int, parallel: bool
     T_s = seq // ctx.size(ctx.axes("seq", seq))
     tokens = T_b * T_s
     e_res = ctx.axes("act_embed", s.E)
-    norm = [Coll("", "all-reduce", "rmsnorm", ctx.size(e_res), tokens * NORM_BYTES)] if e_res else []
+    norm = [Coll("", "all-reduce", "rmsnorm", ctx.size(e_res), tokens * NORM_BYTES, ctx.sizes(e_res))] if e_res else []
     mlp_in = [("gate", s.F, 1, "mlp"), ("up", s.F, 1, "mlp")][: s.n_in]
-    mlp = [c.__class__("mlp", c.kind, c.what, c.group, c.operand_bytes) for c in norm]
+    mlp = [replace(c, block="mlp") for c in norm]
     mlp += _project_in(ctx, "mlp", tokens, s.E, mlp_in, ab, wb)
     mlp += _project_out(ctx, "mlp", tokens, s.E, "down", s.F, 1, "mlp", ab, wb)
     if ffn_only:
         return mlp
-    attn = [] if parallel else [Coll("attention", c.kind, c.what, c.group, c.operand_bytes) for c in norm]
+    attn = [] if parallel else [replace(c, block="attention") for c in norm]
     qkv = [("q", s.N, s.Q, "q_heads"), ("k", s.K, s.Q, "kv_heads"), ("v", s.K, s.Q, "kv_heads")]
     # A parallel block (PaLM) reads one gathered input and reduce-scatters the sum of both outputs.
     attn += _project_in(ctx, "attention", tokens, s.E, qkv, ab, wb, gather_x=not parallel)
@@ -265,14 +326,16 @@ def layer_collectives(ctx: _Ctx, s: _Shape, batch: int, seq: int, parallel: bool
     if ctx.size(batch_axes) > ctx.size(ctx.axes("batch", batch)):  # batch-sharded core: Fig. 5b all-to-alls
         q_ax = ctx.axes("q_heads", s.N)
         q_local = tokens * s.N // max(1, ctx.size(tuple(a for a in q_ax if a not in ctx.gathered))) * s.Q * ab
+        a2a_axes = tuple(a for a in batch_axes if a not in ctx.axes("batch", batch))
         group = ctx.size(batch_axes) // ctx.size(ctx.axes("batch", batch))
-        attn.append(Coll("attention", "all-to-all", "q", group, q_local))
-        attn.append(Coll("attention", "all-to-all", "attention output", group, q_local))
+        attn.append(Coll("attention", "all-to-all", "q", group, q_local, ctx.sizes(a2a_axes)))
+        attn.append(Coll("attention", "all-to-all", "attention output", group, q_local, ctx.sizes(a2a_axes)))
     seq_axes = ctx.axes("seq", seq)
     if ctx.size(seq_axes) > 1:  # a prefill split by positions: every query needs all keys and values
         kv_ax = tuple(a for a in ctx.axes("kv_heads", s.K) if a not in ctx.gathered)
         kv_local = tokens * (s.K // ctx.size(kv_ax)) * s.Q * ab
-        attn += [Coll("attention", "all-gather", name, ctx.size(seq_axes), kv_local) for name in ("k", "v")]
+        attn += [Coll("attention", "all-gather", name, ctx.size(seq_axes), kv_local, ctx.sizes(seq_axes))
+                 for name in ("k", "v")]
     attn += _project_out(ctx, "attention", tokens, s.E, "o", s.N, s.Q, "q_heads", ab, wb, scatter_out=not parallel)
     return attn + mlp
 
@@ -353,11 +416,9 @@ def estimate(config, chip, mesh_shape, phase, batch, context, layout, attention=
     held = weight_held + kv_held + gathered_layer
     hbm = weight_read + kv_held  # decode reads the cache, prefill writes it
 
-    bw = chip.network_bw(n)
-    comm_s = L * sum(c.cost_bytes for c in colls) / bw if n > 1 else 0.0
     compute_s = flops / chip.bf16_flops
     memory_s = hbm / chip.hbm_bw
-    step = max(compute_s, memory_s) + comm_s
+    step, comm_s = step_time(colls, L, compute_s, memory_s, chip, n)
     kinds = {}
     for c in colls:
         kinds[c.kind] = kinds.get(c.kind, 0) + L * c.operand_bytes
@@ -367,6 +428,27 @@ def estimate(config, chip, mesh_shape, phase, batch, context, layout, attention=
         mfu=2 * config.n_params * tokens / (n * chip.bf16_flops * step), mbu=memory_s / step,
         bytes_per_chip=held, flops=flops, hbm_bytes=hbm, kv_bytes_per_chip=kv_held, weight_bytes_per_chip=weight_held,
         collectives=kinds, layer_collectives=tuple(colls), padded_heads=N, mesh=dict(mesh_shape))
+
+
+def step_time(colls, n_layers, compute_s, memory_s, chip, n_chips) -> tuple[float, float]:
+    """(step, communication) seconds. A looped ring (Pope et al. 3.5, Wang et al. 2023) is cut into
+    as many chunks as it has chips: all but one run under the matmuls (the chunk the loop starts or
+    ends with does not), so the step is max(compute, HBM, hidden communication) plus the unhidden
+    chunks plus the rings that cannot overlap (activation collectives over several axes,
+    all-to-alls, the all-gather half of all-reduces, norm statistics, attention's K/V gathers)."""
+    if n_chips == 1:
+        return max(compute_s, memory_s), 0.0
+    bw = chip.axis_bw(n_chips)
+    hidden = exposed = total = 0.0
+    for c in colls:
+        for k, t, hideable in c.phases(chip, bw):
+            total += t
+            if hideable:
+                hidden += t * (k - 1) / k
+                exposed += t / k
+            else:
+                exposed += t
+    return max(compute_s, memory_s, n_layers * hidden) + n_layers * exposed, n_layers * total
 
 
 def check_inputs(config, phase, batch, context, weight_bytes, kv_bytes):

@@ -22,7 +22,10 @@ def test_2d_beats_1d_for_palm_decode_at_64_chips():
         ranked = planner.plan(PALM, "tpu-v4", CUBE, "decode", batch, 2048)
         by = {(e.layout, e.attention): e for e in ranked}
         assert ranked[0].layout == "2d_weight_stationary" and ranked[0].attention == "batch"
-        assert by["2d_weight_stationary", "batch"].comm_s < by["1d_weight_stationary", "batch"].comm_s
+        two, one = by["2d_weight_stationary", "batch"], by["1d_weight_stationary", "batch"]
+        assert two.step_time_s < one.step_time_s
+        # Fewer bytes (A.1), though more collectives: at batch 64 their latency makes 2D's comm_s larger.
+        assert sum(c.cost_bytes for c in two.layer_collectives) < sum(c.cost_bytes for c in one.layer_collectives)
 
 
 def test_2d_communication_scales_as_inverse_sqrt_chips():
@@ -62,13 +65,75 @@ def test_prefill_picks_weight_gathered_only_for_many_tokens():
 
 
 def test_low_latency_decode_near_paper():
-    """Pope et al.: 28.5 ms/token, PaLM 540B int8, 64 TPU v4, batch 64, context 2048. The planner is a
-    roofline without collective latency or kernel overheads, so it is a lower bound of the same order
-    (8.8 ms; the gap is explained in benchmarks/results/planner_vs_paper.md)."""
+    """Pope et al.: 28.5 ms/token, PaLM 540B int8, 64 TPU v4, batch 64, context 2048: a step bound by
+    collective latency (about 20 collectives per layer x 118 layers), which the alpha-beta model
+    now charges, so the estimate lies within 1.5x of the measurement (it was a 8.8 ms roofline)."""
     e = planner.best(PALM, "tpu-v4", 64, "decode", 64, 2048, weight_bytes=1)
     assert e.layout == "2d_weight_stationary" and e.attention == "batch" and e.mesh == CUBE
-    assert 0.25 * 28.5e-3 < e.step_time_s < 28.5e-3
+    assert 28.5e-3 / 1.5 < e.step_time_s < 28.5e-3 * 1.5
+    assert e.step_time_s > 2 * max(e.compute_s, e.memory_s)  # latency-bound, not a roofline
     assert e.padded_heads == 64  # 48 heads padded to 64 (sec. 4)
+
+
+# Pope et al. Table 2 (PaLM 540B, 64 TPU v4, 2048-token prompts, 64 decoded tokens): the layout of
+# each column and its latency (decode per step). The planner's constants are not fitted to these.
+TABLE2 = [  # phase, batch, weight bytes, layout, seconds
+    ("prefill", 1, 1, "2d_weight_stationary", 0.29),
+    ("decode", 64, 1, "2d_weight_stationary", 1.82 / 64),
+    ("prefill", 512, 2, "weight_gathered_xyz", 85.2),
+    ("decode", 512, 2, "2d_weight_stationary", 6.0 / 64),
+]
+
+
+@pytest.mark.parametrize("phase,batch,wb,layout,paper_s", TABLE2)
+def test_table2_layouts_and_times_within_1_5x(phase, batch, wb, layout, paper_s):
+    e = planner.best(PALM, "tpu-v4", 64, phase, batch, 2048, weight_bytes=wb)
+    assert e.layout == layout
+    assert paper_s / 1.5 < e.step_time_s < paper_s * 1.5
+
+
+def test_prefill_crossover_to_xyz_weight_gathered_inside_fig7_range():
+    """Fig. 7 (measured with the authors' weight-gathered code, which is XYZ only): 2D weight-
+    stationary wins at 131k batch tokens (batch 64 x 2048), weight-gathered at 262k."""
+    def fastest(batch):
+        ranked = planner.plan(PALM, "tpu-v4", CUBE, "prefill", batch, 2048,
+                              layouts=["2d_weight_stationary", "weight_gathered_xyz"])
+        return ranked[0].layout
+    assert fastest(64) == "2d_weight_stationary"
+    assert fastest(128) == "weight_gathered_xyz"
+
+
+def test_alpha_beta_collective_time():
+    """One ring per mesh axis: hops x alpha + bytes over the axis' two links + the per-ring overhead;
+    a weight streams one way around one ring of all the gathered chips."""
+    chip = planner.get_chip("tpu-v4")
+    bw = chip.ici_bw_per_axis
+    ag = planner.Coll("mlp", "all-gather", "residual", 4, 1000, (4,), looped=True)
+    assert ag.time_s(chip, bw) == pytest.approx(chip.collective_overhead_s + 2 * chip.hop_latency_s + 3000 / bw)
+    rs = planner.Coll("mlp", "reduce-scatter", "down output", 16, 1600, (4, 4), looped=True)
+    first, second = rs.phases(chip, bw)
+    assert first[1] == pytest.approx(chip.collective_overhead_s + 2 * chip.hop_latency_s + 1200 / bw)
+    assert second[1] == pytest.approx(chip.collective_overhead_s + 2 * chip.hop_latency_s + 300 / bw)
+    assert not first[2] and not second[2]  # over two axes: not looped under a matmul
+    ar = planner.Coll("mlp", "all-reduce", "k output", 4, 1000, (4,), looped=True)
+    assert [h for _, _, h in ar.phases(chip, bw)] == [True, False]  # only the reduce-scatter half hides
+    assert ar.time_s(chip, bw) == pytest.approx(2 * (chip.collective_overhead_s + 2 * chip.hop_latency_s + 750 / bw))
+    w = planner.Coll("mlp", "all-gather", "up weight", 4, 1000, (4,), looped=True, ring=64)
+    [(ring, t, hidden)] = w.phases(chip, bw)
+    assert (ring, hidden) == (64, True) and t == pytest.approx(chip.collective_overhead_s + 3 * chip.hop_latency_s + 3000 / (bw / 2))
+
+
+def test_overlap_hides_looped_collectives_behind_compute():
+    chip = planner.get_chip("tpu-v4")
+    looped = planner.Coll("mlp", "all-gather", "residual", 4, 10**6, (4,), looped=True)
+    plain = planner.Coll("attention", "all-to-all", "q", 4, 10**6, (4,))
+    t = looped.time_s(chip, chip.ici_bw_per_axis)
+    step, comm = planner.step_time([looped], 10, 1.0, 0.1, chip, 64)
+    assert step == pytest.approx(1.0 + 10 * t / 4) and comm == pytest.approx(10 * t)  # 3 of 4 chunks hidden
+    step, _ = planner.step_time([looped, plain], 10, 1.0, 0.1, chip, 64)
+    assert step == pytest.approx(1.0 + 10 * t / 4 + 10 * plain.time_s(chip, chip.ici_bw_per_axis))
+    step, _ = planner.step_time([looped], 10, 1e-6, 0.0, chip, 64)  # communication-bound: the sum
+    assert step == pytest.approx(10 * t)
 
 
 def test_table1_kv_memory():
@@ -119,7 +184,9 @@ def test_cli_json_and_errors():
 def test_chips_have_sources_and_cpu_is_measured():
     for chip in planner.chips().values():
         assert chip.source and chip.bf16_flops > 1e13 and chip.hbm_bw > 1e11
-    assert planner.get_chip("tpu-v4").ici_bw == 270e9  # the paper's figure
+    v4 = planner.get_chip("tpu-v4")
+    assert v4.ici_bw == 270e9  # the paper's figure, 6 links x 45 GB/s
+    assert "Jouppi" in v4.source and "FIT" in v4.source and v4.hop_latency_s > 0
     cpu = planner.get_chip("cpu")
     assert cpu.bf16_flops > 1e8 and cpu.hbm_bw > 1e8 and planner.get_chip("cpu") is cpu
 
