@@ -260,17 +260,24 @@ def _running(server) -> float:
     return server.metric("shardlm_running_sequences")
 
 
-def _dropped_within(server, seconds: float) -> float:
+def _generated(server) -> float:
+    return server.metric("shardlm_generation_tokens_total")
+
+
+def _dropped_early(server, generated_before: float, max_tokens: int) -> None:
+    """The running-sequences gauge drops, and fewer than `max_tokens` were generated: it was freed, not finished."""
     t0 = time.monotonic()
     while _running(server) > 0:
-        assert time.monotonic() - t0 < seconds, "the running-sequences gauge did not drop"
+        assert time.monotonic() - t0 < 60, "the running-sequences gauge did not drop"
         time.sleep(0.05)
-    return time.monotonic() - t0
+    generated = _generated(server) - generated_before
+    assert generated < max_tokens, f"the sequence ran to its end ({generated:.0f} tokens) instead of being freed"
 
 
 def test_client_disconnect_frees_its_sequence(tiny_server):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": TINY, "prompt": "the quick brown fox", "max_tokens": 900, "ignore_eos": True, "temperature": 0}
+    before = _generated(tiny_server)
     with httpx.stream("POST", tiny_server.base + "/v1/completions", json={**body, "stream": True}, headers=headers,
                       timeout=60) as r:
         assert r.status_code == 200
@@ -280,8 +287,9 @@ def test_client_disconnect_frees_its_sequence(tiny_server):
             if chunks == 3:
                 assert _running(tiny_server) == 1
                 break  # closes the connection
-    _dropped_within(tiny_server, 2.0)
+    _dropped_early(tiny_server, before, 900)
     # Not streamed: the client gives up waiting, long before its tokens could be done.
+    before = _generated(tiny_server)
     try:
         r = httpx.post(tiny_server.base + "/v1/completions", json={**body, "max_tokens": CONTEXT - 16},
                        headers=headers, timeout=0.3)
@@ -289,7 +297,7 @@ def test_client_disconnect_frees_its_sequence(tiny_server):
         pass
     else:
         pytest.fail(f"the request was answered before the client gave up: {r.status_code} {r.text[:300]}")
-    _dropped_within(tiny_server, 2.0)
+    _dropped_early(tiny_server, before, CONTEXT - 16)
     r = tiny_server.client().completions.create(model=TINY, prompt="next", max_tokens=3, temperature=0)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
 
