@@ -82,5 +82,8 @@ def describe(path: str) -> dict:
         for t in weights.tensors.values():
             dtypes[t.tensor_type.name] += int(t.n_elements)
         files = [path]
-    return {"path": path, "format": fmt, "config": dataclasses.asdict(config), "n_params": sum(dtypes.values()),
-            "dtypes": dict(dtypes), "size_bytes": sum(os.path.getsize(f) for f in files)}
+    n_params = sum(dtypes.values())
+    # A mixture of experts' parameters one token uses: all but the experts it is not routed to.
+    active = n_params - (config.n_params - config.n_active_params)
+    return {"path": path, "format": fmt, "config": dataclasses.asdict(config), "n_params": n_params,
+            "n_active_params": active, "dtypes": dict(dtypes), "size_bytes": sum(os.path.getsize(f) for f in files)}

@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from shardlm.checkpoints.gguf import CheckpointError
-from shardlm.models.config import ModelConfig
+from shardlm.models.config import GEMMA_FAMILIES, ModelConfig
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -190,20 +190,67 @@ def param_slice_source(weights: HFWeights, config: ModelConfig) -> Callable[[tup
     def direct(name, shape):
         return (lambda idx: weights.read(name, idx)), shape
 
+    E, F_e = config.n_experts, config.expert_d_ff
+    expert_tensors: list[tuple[str, tuple]] = []  # every per-expert tensor, checked with the rest
+
+    def per_expert(names, shape):  # HF one [out, in] tensor per expert -> ours [E, in, out]
+        expert_tensors.extend((n, shape) for n in names)
+        def read(idx):
+            return np.stack([weights.read(names[e], (idx[2], idx[1])).T for e in range(*_span(idx[0], E))])
+        return read, shape
+
+    def fused(name, shape, out, offset=0):  # HF [E, rows, in], ours [E, in, out] = rows offset..offset+out
+        def read(idx):
+            o0, o1 = _span(idx[2], out)
+            return weights.read(name, (idx[0], slice(offset + o0, offset + o1), idx[1])).transpose(0, 2, 1)
+        return read, shape
+
+    def add_experts(p, hf):
+        """A mixture-of-experts layer: the router and E experts, from the per-expert tensors checkpoints
+        hold (Mixtral's block_sparse_moe.experts.N.w1/w3/w2, Qwen2/3-MoE's mlp.experts.N.*_proj, as
+        transformers 5's save_pretrained writes them) or the fused [E, ...] tensors of its modules."""
+        if hf + "mlp.experts.gate_up_proj" in weights.file_of:
+            add(p + "mlp/router", hf + "mlp.gate.weight", transposed, (E, D))
+            add(p + "mlp/gate", hf + "mlp.experts.gate_up_proj", fused, (E, 2 * F_e, D), F_e)
+            add(p + "mlp/up", hf + "mlp.experts.gate_up_proj", fused, (E, 2 * F_e, D), F_e, F_e)  # gate, then up
+            add(p + "mlp/down", hf + "mlp.experts.down_proj", fused, (E, D, F_e), D)
+            return
+        mixtral = hf + "block_sparse_moe.gate.weight" in weights.file_of
+        moe, (gate, up, down) = ("block_sparse_moe.", ("w1", "w3", "w2")) if mixtral else \
+            ("mlp.", ("gate_proj", "up_proj", "down_proj"))
+        names = lambda w: [f"{hf}{moe}experts.{e}.{w}.weight" for e in range(E)]  # noqa: E731
+        add(p + "mlp/router", hf + moe + "gate.weight", transposed, (E, D))
+        add(p + "mlp/gate", names(gate), per_expert, (F_e, D))
+        add(p + "mlp/up", names(up), per_expert, (F_e, D))
+        add(p + "mlp/down", names(down), per_expert, (D, F_e))
+
     readers: dict[str, tuple[Callable, tuple, str]] = {}
 
     def add(path, name, maker, *args):
         read, hf_shape = maker(name, *args)
         readers[path] = (read, hf_shape, name)
 
-    add("embed", "model.embed_tokens.weight", direct, (V, D))
-    add("final_norm/scale", "model.norm.weight", direct, (D,))
+    # A Gemma3ForConditionalGeneration's language model: save_pretrained writes language_model.model.*
+    # (and language_model.lm_head), its modules are named model.language_model.*; the vision tower is not read.
+    model, lm_head = "model.", "lm_head.weight"
+    if "model.language_model.embed_tokens.weight" in weights.file_of:
+        model = "model.language_model."
+    elif "language_model.model.embed_tokens.weight" in weights.file_of:
+        model, lm_head = "language_model.model.", "language_model.lm_head.weight"
+    add("embed", model + "embed_tokens.weight", direct, (V, D))
+    add("final_norm/scale", model + "norm.weight", direct, (D,))
     if not config.tie_embeddings:
-        add("lm_head", "lm_head.weight", transposed, (V, D))
+        add("lm_head", lm_head, transposed, (V, D))
     for i in range(config.n_layers):
-        p, hf = f"layers/{i}/", f"model.layers.{i}."
+        p, hf = f"layers/{i}/", f"{model}layers.{i}."
         add(p + "attn_norm/scale", hf + "input_layernorm.weight", direct, (D,))
-        add(p + "mlp_norm/scale", hf + "post_attention_layernorm.weight", direct, (D,))
+        if config.family in GEMMA_FAMILIES:  # four norms (w, applied as 1 + w); post_attention_layernorm
+            # is on attention's output here, not before the MLP as in Llama
+            add(p + "post_attn_norm/scale", hf + "post_attention_layernorm.weight", direct, (D,))
+            add(p + "mlp_norm/scale", hf + "pre_feedforward_layernorm.weight", direct, (D,))
+            add(p + "post_mlp_norm/scale", hf + "post_feedforward_layernorm.weight", direct, (D,))
+        else:
+            add(p + "mlp_norm/scale", hf + "post_attention_layernorm.weight", direct, (D,))
         add(p + "attn/q", hf + "self_attn.q_proj.weight", linear_in, N)
         add(p + "attn/k", hf + "self_attn.k_proj.weight", linear_in, K)
         add(p + "attn/v", hf + "self_attn.v_proj.weight", linear_in, K)
@@ -212,14 +259,26 @@ def param_slice_source(weights: HFWeights, config: ModelConfig) -> Callable[[tup
             add(p + "attn/q_bias", hf + "self_attn.q_proj.bias", bias, N)
             add(p + "attn/k_bias", hf + "self_attn.k_proj.bias", bias, K)
             add(p + "attn/v_bias", hf + "self_attn.v_proj.bias", bias, K)
-        if config.qk_norm:  # Qwen3: one [H] scale each, shared by all heads
+        if config.qk_norm:  # Qwen3, Gemma 3: one [H] scale each, shared by all heads
             add(p + "attn/q_norm/scale", hf + "self_attn.q_norm.weight", direct, (H,))
             add(p + "attn/k_norm/scale", hf + "self_attn.k_norm.weight", direct, (H,))
+        if config.is_moe_layer(i):
+            add_experts(p, hf)
+            if config.shared_expert_d_ff:  # Qwen2-MoE's shared expert and its gate [1, D]
+                F_s = config.shared_expert_d_ff
+                add(p + "mlp/shared_gate", hf + "mlp.shared_expert_gate.weight", transposed, (1, D))
+                add(p + "mlp/shared/gate", hf + "mlp.shared_expert.gate_proj.weight", transposed, (F_s, D))
+                add(p + "mlp/shared/up", hf + "mlp.shared_expert.up_proj.weight", transposed, (F_s, D))
+                add(p + "mlp/shared/down", hf + "mlp.shared_expert.down_proj.weight", transposed, (D, F_s))
+            continue
         add(p + "mlp/gate", hf + "mlp.gate_proj.weight", transposed, (F, D))
         add(p + "mlp/up", hf + "mlp.up_proj.weight", transposed, (F, D))
         add(p + "mlp/down", hf + "mlp.down_proj.weight", transposed, (D, F))
     check_head_dim(weights, config)
     for _, hf_shape, name in readers.values():
+        if isinstance(name, str):  # per-expert lists are in expert_tensors
+            weights.check(name, hf_shape)
+    for name, hf_shape in expert_tensors:
         weights.check(name, hf_shape)
 
     def source(path: tuple, index: tuple) -> np.ndarray:

@@ -526,6 +526,8 @@ def cmd_inspect(args) -> int:
     rows = [("path", info["path"]), ("format", info["format"]), ("parameters", f"{info['n_params']:,}"),
             ("size on disk", f"{info['size_bytes'] / 2**20:,.1f} MiB"),
             ("dtypes", ", ".join(f"{d} {n:,}" for d, n in sorted(info["dtypes"].items())))]
+    if info["n_active_params"] != info["n_params"]:  # a mixture of experts: what one token uses
+        rows.insert(3, ("active parameters", f"{info['n_active_params']:,} per token"))
     rows += [(key.replace("_", " "), _plain(value)) for key, value in info["config"].items()]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
@@ -668,7 +670,8 @@ def cmd_plan(args) -> int:
         if not args.json:
             print(f"{config.name} {phase}: {args.chips} x {args.chip}, mesh "
                   f"{','.join(f'{a}={s}' for a, s in mesh.items())}, batch {args.batch}, context {context}, "
-                  f"{args.weights} weights (step = max(compute, memory) + communication)")
+                  f"{args.weights} weights (step = max(compute, memory, hidden comm) + exposed comm; "
+                  f"comm = all collectives)")
             print(f"  {'layout':22} {'attn':5} {'step ms':>10} {'compute':>9} {'memory':>9} {'comm':>9} "
                   f"{'GiB/chip':>8} {'MFU':>5} {'MBU':>5}")
             for e in ranked:

@@ -8,7 +8,9 @@ import math
 from dataclasses import dataclass
 
 _HF_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "max_position_embeddings", "head_dim")
+            "intermediate_size", "max_position_embeddings", "head_dim", "num_local_experts", "num_experts",
+            "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+            "shared_expert_intermediate_size")
 _HF_NUMBERS = ("rms_norm_eps", "rope_theta")
 
 
@@ -42,6 +44,10 @@ class RopeScaling:
             raise ValueError(f"unknown RoPE scaling {self.kind!r}; allowed: none, linear, llama3")
 
 
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+GEMMA_FAMILIES = ("gemma2", "gemma3")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -60,8 +66,23 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim on each query and key head, before RoPE
     family: str = "llama"
+    # Mixture of experts (family "moe", models/moe.py); 0 experts: a dense model.
+    n_experts: int = 0  # E
+    experts_per_token: int = 0  # k, the top-k routed to
+    expert_d_ff: int = 0  # each expert's F (HF moe_intermediate_size; Mixtral's intermediate_size)
+    norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1 (Mixtral; Qwen3-MoE's flag)
+    dense_layers: tuple[int, ...] = ()  # layers with the dense d_ff MLP instead of experts (Qwen3-MoE)
+    shared_expert_d_ff: int = 0  # Qwen2-MoE: a SwiGLU every token goes through, gated by sigmoid(x . w)
     # PaLM-style shapes (for planning; not runnable yet): attention and MLP read the same input.
     parallel_block: bool = False
+    # Gemma 2 / 3 (families "gemma2", "gemma3", models/gemma.py); the defaults change nothing.
+    activation: str = "silu"  # the MLP's gate: silu (SwiGLU), gelu_tanh or gelu (GeGLU, tanh-approximate or exact)
+    layer_types: tuple[str, ...] = ()  # per layer "full_attention" | "sliding_attention"; (): all full
+    sliding_window: int = 0  # W: a sliding layer's query at q sees keys q - W < j <= q
+    rope_local_theta: float = 0.0  # the sliding layers' RoPE base, unscaled (Gemma 3); 0: rope_theta and rope_scaling
+    query_pre_attn_scalar: float = 0.0  # attention scores scaled by its -1/2 power; 0: head_dim's
+    attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2); 0: none
+    final_softcap: float = 0.0  # logits -> cap * tanh(logits / cap) (Gemma 2); 0: none
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
@@ -71,16 +92,58 @@ class ModelConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))  # hashable when read from JSON
+        if self.family == "moe":
+            if self.n_experts < 1 or self.expert_d_ff < 1:
+                raise ValueError(f"a mixture of experts needs n_experts >= 1 and expert_d_ff >= 1, got "
+                                 f"{self.n_experts} and {self.expert_d_ff}")
+            if not 1 <= self.experts_per_token <= self.n_experts:
+                raise ValueError(f"experts_per_token must be in 1..n_experts={self.n_experts}, got "
+                                 f"{self.experts_per_token}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))  # a list from JSON stays hashable
+        if self.layer_types and (len(self.layer_types) != self.n_layers
+                                 or set(self.layer_types) - {"full_attention", "sliding_attention"}):
+            raise ValueError(f"layer_types must name full_attention or sliding_attention for each of the "
+                             f"{self.n_layers} layers, got {self.layer_types}")
+        if "sliding_attention" in self.layer_types and self.sliding_window < 1:
+            raise ValueError(f"sliding_attention layers need sliding_window >= 1, got {self.sliding_window}")
+        if any(not 0 <= i < self.n_layers for i in self.dense_layers):
+            raise ValueError(f"dense_layers {self.dense_layers} must be layers 0..{self.n_layers - 1}")
+
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of `layer`'s attention; 0: it attends to the whole context."""
+        sliding = self.layer_types and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.family == "moe" and layer not in self.dense_layers
 
     @property
     def n_params(self) -> int:
+        """Every parameter (all experts of a mixture of experts)."""
+        return self._count_params(self.n_experts)
+
+    @property
+    def n_active_params(self) -> int:
+        """The parameters one token uses: the router and its experts_per_token experts of each MoE layer."""
+        return self._count_params(self.experts_per_token)
+
+    def _count_params(self, experts: int) -> int:
         D, F, N, K, H, V = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size
-        per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + 2 * D
+        per_layer = D * (N + 2 * K) * H + N * H * D + 2 * D
+        if self.family in GEMMA_FAMILIES:  # norms after attention and after the MLP too
+            per_layer += 2 * D
         if self.qkv_bias:
             per_layer += (N + 2 * K) * H
         if self.qk_norm:
             per_layer += 2 * H
-        return self.n_layers * per_layer + V * D * (1 if self.tie_embeddings else 2) + D
+        moe = sum(self.is_moe_layer(i) for i in range(self.n_layers))
+        shared = 3 * D * self.shared_expert_d_ff + D if self.shared_expert_d_ff else 0  # and its gate [D, 1]
+        mlps = (self.n_layers - moe) * 3 * D * F + moe * (D * self.n_experts + experts * 3 * D * self.expert_d_ff
+                                                          + shared)
+        return self.n_layers * per_layer + mlps + V * D * (1 if self.tie_embeddings else 2) + D
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -89,11 +152,14 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "ModelConfig":
-        """From a Hugging Face config.json (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2), read as transformers 5 reads
+        """From a Hugging Face config.json (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, Mixtral,
+        Qwen2-MoE, Qwen3-MoE), read as transformers 5 reads
         it: RoPE from `rope_parameters` (what transformers 5 writes) or the legacy top-level `rope_theta` /
         `rope_scaling`. A field that changes the model's math and that shardlm does not implement is a
         ValueError naming the field and its value; fields that do not (dropout, token ids, dtype, ...)
         are ignored."""
+        if hf.get("model_type") == "gemma3" and isinstance(hf.get("text_config"), dict):
+            hf = _gemma3_text_config(hf)  # Gemma3ForConditionalGeneration: its language model
         model_type = hf.get("model_type", "")
         if model_type not in _HF_DEFAULTS:
             raise ValueError(f"unsupported architecture {model_type!r} ({hf.get('architectures')}); "
@@ -109,8 +175,15 @@ class ModelConfig:
             head_dim = d_model // n_heads
         max_pos = int(hf.get("max_position_embeddings", defaults["max_position_embeddings"]))
         _check_hf_math(hf, model_type)
-        layer_types = _hf_layer_types(hf, model_type, max_pos)
-        rope_theta, scaling = _hf_rope(hf, layer_types, max_pos)
+        if "rope_theta" in defaults:  # the family's base where neither rope_parameters nor the top level has one
+            hf = {"rope_theta": defaults["rope_theta"], **hf}
+        if model_type in _HF_GEMMA:
+            gemma = _hf_gemma_fields(hf, model_type, defaults, max_pos)
+            rope_theta, scaling = gemma.pop("rope_theta"), gemma.pop("rope_scaling")
+        else:
+            gemma = {}
+            layer_types = _hf_layer_types(hf, model_type, max_pos)
+            rope_theta, scaling = _hf_rope(hf, layer_types, max_pos)
         n_kv_heads = hf["num_key_value_heads"] if "num_key_value_heads" in hf else defaults["num_key_value_heads"]
         return cls(
             name=hf.get("_name_or_path") or model_type,
@@ -125,11 +198,13 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=scaling,
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
             # Qwen2's q/k/v biases are built in; transformers' Mistral and Qwen2 ignore `attention_bias`
             # (Qwen3's is refused in _check_hf_math). Qwen3's q/k norms are built in.
-            qkv_bias=model_type == "qwen2",
-            qk_norm=model_type == "qwen3",
+            qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and hf.get("qkv_bias", True) is not False),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+            **(_hf_moe_fields(hf, model_type, defaults) if model_type in _HF_MOE else {}),
+            **gemma,
         )
 
     @classmethod
@@ -184,7 +259,29 @@ _HF_DEFAULTS = {
     "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096},
     "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096},
     "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": 4096, "head_dim": 128},
+    # Mixture of experts (family "moe"); Mixtral's RoPE base defaults to 1e6 (its default_theta).
+    "mixtral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": None,
+                "rope_theta": 1e6, "num_experts": 8, "num_experts_per_tok": 2},
+    "qwen3_moe": {"max_position_embeddings": 32768, "num_key_value_heads": 4, "sliding_window": 4096,
+                  "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                  "norm_topk_prob": False, "decoder_sparse_step": 1},
+    "qwen2_moe": {"max_position_embeddings": 32768, "num_key_value_heads": 16, "sliding_window": 4096,
+                  "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                  "norm_topk_prob": False, "decoder_sparse_step": 1, "shared_expert_intermediate_size": 5632},
 }
+_HF_MOE = ("mixtral", "qwen3_moe", "qwen2_moe")
+# Gemma 2 and Gemma 3's text model: transformers' Gemma2Config / Gemma3TextConfig defaults.
+_HF_DEFAULTS["gemma2"] = {
+    "max_position_embeddings": 8192, "num_key_value_heads": 4, "head_dim": 256, "tie_word_embeddings": True,
+    "rope_theta": 10000.0, "sliding_window": 4096, "window_every": 2, "query_pre_attn_scalar": 256,
+    "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+_HF_DEFAULTS["gemma3_text"] = {
+    "max_position_embeddings": 131072, "num_key_value_heads": 4, "head_dim": 256, "tie_word_embeddings": True,
+    "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "sliding_window": 4096, "window_every": 6,
+    "query_pre_attn_scalar": 256, "attn_logit_softcapping": None, "final_logit_softcapping": None}
+_HF_GEMMA = ("gemma2", "gemma3_text")
+# transformers' ACT2FN names of the two GELUs
+_HF_GELU = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 _HF_ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
 
@@ -197,18 +294,45 @@ def _check_hf_math(hf: dict, model_type: str) -> None:
     """Refuse the fields (other than RoPE and attention windows) that change the math and that
     shardlm does not implement."""
     act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):  # transformers' ACT2FN: both are x * sigmoid(x)
+    if model_type not in _HF_GEMMA and act not in ("silu", "swish"):  # Gemma's is hidden_activation  # transformers' ACT2FN: both are x * sigmoid(x)
         _refuse("hidden_act", act, "shardlm's MLP is SwiGLU (silu)")
     if model_type == "llama":  # transformers' Mistral and Qwen2 hard-code their biases and ignore these
         for field in ("attention_bias", "mlp_bias"):  # attention_bias adds o_proj's bias too
             if hf.get(field):
                 _refuse(field, hf[field], "shardlm's Llama has no projection biases")
-    if model_type == "qwen3" and hf.get("attention_bias"):  # transformers' Qwen3: biases on q, k, v and o_proj
+    if model_type in ("qwen3", "qwen3_moe") and hf.get("attention_bias"):  # transformers' Qwen3: biases on q, k, v and o_proj
         _refuse("attention_bias", hf["attention_bias"], "shardlm's Qwen3 has no attention projection biases")
     quant = hf.get("quantization_config")
     if quant:
         method = quant.get("quant_method") if isinstance(quant, dict) else quant
         _refuse("quantization_config.quant_method", method, "shardlm reads float weights (bf16/f16/f32)")
+
+
+def _hf_moe_fields(hf: dict, model_type: str, defaults: dict) -> dict:
+    """The mixture-of-experts fields of a Mixtral or Qwen3-MoE config.json. transformers reads the
+    expert count from num_local_experts or num_experts (an alias of each other); router_aux_loss_coef,
+    router_jitter_noise and output_router_logits are training-only and ignored."""
+    n_experts = hf.get("num_local_experts", hf.get("num_experts", defaults["num_experts"]))
+    top_k = hf.get("num_experts_per_tok", defaults["num_experts_per_tok"])
+    if n_experts < 1:
+        _refuse("num_experts", n_experts, "a mixture of experts needs at least one expert")
+    if not 1 <= top_k <= n_experts:
+        _refuse("num_experts_per_tok", top_k, f"it must be in 1..num_experts={n_experts} (a mixture of experts)")
+    if model_type == "mixtral":  # every layer is sparse, its experts intermediate_size wide, always renormalised
+        return dict(family="moe", n_experts=n_experts, experts_per_token=top_k, expert_d_ff=hf["intermediate_size"])
+    # Qwen2/3-MoE: layer i has experts unless listed in mlp_only_layers or (i + 1) % decoder_sparse_step != 0
+    step = hf.get("decoder_sparse_step", defaults["decoder_sparse_step"])
+    if step < 1:
+        _refuse("decoder_sparse_step", step, "it must be >= 1")
+    only = hf.get("mlp_only_layers") or []
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+        raise ValueError(f"mlp_only_layers must be a list of layer numbers, got {json.dumps(only)}")
+    dense = tuple(i for i in range(hf["num_hidden_layers"]) if i in only or (i + 1) % step)
+    return dict(family="moe", n_experts=n_experts, experts_per_token=top_k,
+                expert_d_ff=hf.get("moe_intermediate_size", defaults["moe_intermediate_size"]),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", defaults["norm_topk_prob"])), dense_layers=dense,
+                shared_expert_d_ff=hf.get("shared_expert_intermediate_size",
+                                          defaults.get("shared_expert_intermediate_size", 0)))
 
 
 def _hf_layer_types(hf: dict, model_type: str, max_pos: int) -> list[str]:
@@ -221,14 +345,16 @@ def _hf_layer_types(hf: dict, model_type: str, max_pos: int) -> list[str]:
     full = ["full_attention"] * n_layers
     if model_type == "llama":  # transformers' Llama has no sliding window: both fields are ignored
         return hf.get("layer_types") or full
-    if model_type == "mistral":  # one window for every layer; transformers ignores Mistral's layer_types
-        window = hf.get("sliding_window", _HF_DEFAULTS["mistral"]["sliding_window"])
+    if model_type in ("mistral", "mixtral", "qwen3_moe"):  # one window for every layer; layer_types ignored
+        window = hf.get("sliding_window", _HF_DEFAULTS[model_type]["sliding_window"])
+        if model_type == "qwen3_moe" and not hf.get("use_sliding_window"):  # its window needs the flag
+            window = None
         if window is not None and window < max_pos:
             default = "" if "sliding_window" in hf else ", transformers' default when absent"
             _refuse("sliding_window", window, f"shardlm has no sliding window (accepted: null or >= "
                                               f"max_position_embeddings={max_pos}{default})")
         return full
-    # qwen2 and qwen3: the window applies only with use_sliding_window, to layers from max_window_layers on
+    # qwen2, qwen3 and qwen2_moe: the window applies only with use_sliding_window, to layers from max_window_layers on
     window = hf.get("sliding_window", _HF_DEFAULTS[model_type]["sliding_window"]) if hf.get("use_sliding_window") \
         else None
     types = hf.get("layer_types") or [
@@ -300,6 +426,74 @@ def _hf_rope_dict(p: dict, where: str, hf: dict, max_pos: int, nested: bool) -> 
         original = p.get("original_max_position_embeddings") or max_pos
     return theta, RopeScaling(kind="llama3", factor=float(p["factor"]), low_freq_factor=float(p["low_freq_factor"]),
                               high_freq_factor=float(p["high_freq_factor"]), original_max_position=int(original))
+
+
+def _gemma3_text_config(hf: dict) -> dict:
+    """A Gemma3ForConditionalGeneration config.json's language model as a gemma3_text config (as
+    transformers' Gemma3Config builds its text_config; tie_word_embeddings is the outer config's)."""
+    text = {"model_type": "gemma3_text", "tie_word_embeddings": hf.get("tie_word_embeddings", True),
+            **hf["text_config"]}
+    text.setdefault("_name_or_path", hf.get("_name_or_path"))
+    return text
+
+
+def _hf_gemma_fields(hf: dict, model_type: str, defaults: dict, max_pos: int) -> dict:
+    """Gemma 2 / Gemma 3 text: the family's ModelConfig fields, RoPE included, read as transformers'
+    Gemma2Config / Gemma3TextConfig read them. Gemma 2's layers alternate sliding and full attention,
+    Gemma 3's are sliding but every sixth (`sliding_window_pattern`), unless `layer_types` says."""
+    def number(key):
+        value = hf.get(key, defaults.get(key))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"{key} must be a non-negative number or null, got {json.dumps(value)}")
+        return value
+
+    act = hf.get("hidden_activation", "gelu_pytorch_tanh")
+    if act not in _HF_GELU:
+        _refuse("hidden_activation", act, f"shardlm's Gemma MLP is GeGLU ({', '.join(_HF_GELU)})")
+    for field in ("attention_bias", "use_bidirectional_attention"):
+        if hf.get(field):
+            _refuse(field, hf[field], "shardlm's Gemma has no projection biases and attends causally")
+    n_layers = hf["num_hidden_layers"]
+    every = hf.get("sliding_window_pattern", defaults["window_every"])  # Gemma 3's legacy pattern
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % every else "full_attention"
+                                      for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise ValueError(f"layer_types must list the {n_layers} layers' attention types, got {json.dumps(types)}")
+    for t in types:
+        if t not in ("full_attention", "sliding_attention"):
+            _refuse("layer_types", t, f"{model_type} layers are full_attention or sliding_attention")
+    window = number("sliding_window")
+    if "sliding_attention" in types and not window:
+        _refuse("sliding_window", window, "layer_types has sliding_attention layers without a window")
+    rope = _hf_gemma_rope(hf, types, max_pos) if model_type == "gemma3_text" else \
+        dict(zip(("rope_theta", "rope_scaling"), _hf_rope(hf, types, max_pos)))
+    # transformers' Gemma 3 attention takes no soft cap (Gemma3Attention never passes it), so neither does shardlm
+    attn_cap = number("attn_logit_softcapping") if model_type == "gemma2" else None
+    final_cap = number("final_logit_softcapping")
+    return dict(rope, family="gemma2" if model_type == "gemma2" else "gemma3", activation=_HF_GELU[act],
+                layer_types=tuple(types), sliding_window=int(window or 0),
+                query_pre_attn_scalar=float(number("query_pre_attn_scalar")),
+                attn_softcap=float(attn_cap or 0.0), final_softcap=float(final_cap or 0.0))
+
+
+def _hf_gemma_rope(hf: dict, layer_types: list[str], max_pos: int) -> dict:
+    """Gemma 3's two RoPEs: full-attention layers' (rope_theta, default 1e6, and any scaling) and the
+    sliding layers' (rope_local_base_freq, default 1e4, unscaled). As transformers: `rope_parameters`
+    holds one dict per layer type; a legacy top-level `rope_scaling` updates the full layers' dict and
+    legacy `rope_theta` / `rope_local_base_freq` fill the dicts' missing bases."""
+    params = hf.get("rope_parameters") or {}
+    if not isinstance(params, dict) or any(not isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"rope_parameters={params!r}: gemma3 needs one dict per layer type "
+                         f"(full_attention, sliding_attention)")
+    full = {**params.get("full_attention", {}), **(hf.get("rope_scaling") or {})}
+    full.setdefault("rope_theta", hf["rope_theta"])
+    local = dict(params.get("sliding_attention", {}))
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq", _HF_DEFAULTS["gemma3_text"]["rope_local_base_freq"]))
+    theta, scaling = _hf_rope_dict(full, "rope_parameters.full_attention", hf, max_pos, nested=True)
+    local_theta, local_scaling = _hf_rope_dict(local, "rope_parameters.sliding_attention", hf, max_pos, nested=True)
+    if local_scaling != RopeScaling() and "sliding_attention" in layer_types:
+        _refuse("rope_parameters.sliding_attention", local, "shardlm's sliding layers have unscaled RoPE")
+    return dict(rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta)
 
 
 # ----- GGUF metadata, as llama.cpp reads it -----

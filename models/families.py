@@ -12,4 +12,10 @@ def model_class(config: ModelConfig) -> type[nnx.Module]:
     if config.family == "llama":
         from shardlm.models.llama import Llama
         return Llama
-    raise ValueError(f"unknown model family {config.family!r}; known: llama")
+    if config.family == "moe":
+        from shardlm.models.moe import MoE
+        return MoE
+    if config.family in ("gemma2", "gemma3"):
+        from shardlm.models.gemma import Gemma
+        return Gemma
+    raise ValueError(f"unknown model family {config.family!r}; known: llama, moe, gemma2, gemma3")

@@ -40,8 +40,12 @@ class DenseKV:
     k: object  # [B, S, K, H], or a quant.QuantizedKV (int8 [B, S, K, H], scale [B, S, K, 1])
     v: object
 
-    def attend(self, q, k, v, positions):
-        """q [B,T,N,H], k, v [B,T,K,H] at positions [B,T] -> (out [B,T,N,H] in v's cache dtype, view)."""
+    def attend(self, q, k, v, positions, *, scale=None, window: int = 0, softcap: float = 0.0):
+        """q [B,T,N,H], k, v [B,T,K,H] at positions [B,T] -> (out [B,T,N,H] in v's cache dtype, view).
+
+        Static per layer: `scale` of the scores (default H**-0.5); `window` W > 0, a query at p sees
+        only slots p - W < j <= p (a sliding-window layer); `softcap` c > 0, scores -> c * tanh(scores / c)
+        before the mask."""
         B, T, N, H = q.shape
         K = k.shape[2]
         G = N // K
@@ -64,8 +68,12 @@ class DenseKV:
         scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_vals.astype(q.dtype), preferred_element_type=jnp.float32)
         if int8_kv:  # per-(token, head) scales factor out of the sum over H
             scores = scores * jnp.transpose(k_scale[..., 0], (0, 2, 1))[:, :, None, None, :]
-        scores = scores * (H**-0.5)
+        scores = scores * (H**-0.5 if scale is None else scale)
+        if softcap:
+            scores = softcap * jnp.tanh(scores / softcap)
         visible = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S] causal over cache slots
+        if window:
+            visible &= jnp.arange(S)[None, None, :] > positions[:, :, None] - window
         scores = jnp.where(visible[:, None, None], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1)
         if int8_kv:  # and out of the sum over S, as weights on the probabilities
@@ -99,9 +107,10 @@ class PagedKV:
     v: object
     meta: PageMeta
 
-    def attend(self, q, k, v, positions):
+    def attend(self, q, k, v, positions, *, scale=None, window: int = 0, softcap: float = 0.0):
         """q [B,T,N,H], k, v [B,T,K,H] -> (out [B,T,N,H], view with the new tokens written).
-        `positions` is unused: the meta says where each token goes and what it sees."""
+        `positions` is unused: the meta says where each token goes and what it sees. `scale`,
+        `window`, `softcap`: as DenseKV.attend's (paged_attention's)."""
         B, T, N, H = q.shape
         m = self.meta
         constrain = lambda a: shard(a, KV_PAGES_AXES)  # noqa: E731
@@ -110,8 +119,9 @@ class PagedKV:
         k_pages, v_pages = jax.tree.map(constrain, k_pages), jax.tree.map(constrain, v_pages)
         if m.packed:
             out = paged_attention(q.reshape(B * T, N, H), k_pages, v_pages, m.page_tables, m.kv_lens,
-                                  m.q_positions, m.seq_ids, query_block=B * T // m.seq_ids.shape[0]
-                                  ).reshape(B, T, N, H)
+                                  m.q_positions, m.seq_ids, query_block=B * T // m.seq_ids.shape[0],
+                                  scale=scale, window=window, softcap=softcap).reshape(B, T, N, H)
         else:
-            out = paged_attention(q, k_pages, v_pages, m.page_tables, m.kv_lens, shared_pages=m.shared_pages)
+            out = paged_attention(q, k_pages, v_pages, m.page_tables, m.kv_lens, shared_pages=m.shared_pages,
+                                  scale=scale, window=window, softcap=softcap)
         return out, dataclasses.replace(self, k=k_pages, v=v_pages)

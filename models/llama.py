@@ -70,6 +70,11 @@ def _ws(module, names):
     return [w[...] for w in weights], [_axes(w) for w in weights]
 
 
+# The helpers above under public names, for the family files built on this one (models/moe.py, gemma.py).
+make_param, make_weight, weight_in_use = _param, _weight, _w
+projection_weights, logical_axes = _ws, _axes
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs | None):
         self.scale = _param(rngs, (dim,), ("norm",), dtype, init="ones")
@@ -158,11 +163,12 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None = None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None = None, mlp_class=None):
+        """mlp_class: the feed-forward module's class (default MLP; models/moe.py passes its experts')."""
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
         self.attn = Attention(cfg, dtype, rngs, quantize)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
-        self.mlp = MLP(cfg, dtype, rngs, quantize)
+        self.mlp = (mlp_class or MLP)(cfg, dtype, rngs, quantize)
 
     def __call__(self, x, positions, kv):
         with jax.named_scope("attention"):
@@ -185,11 +191,16 @@ class Llama(nnx.Module):
                              (1,))
         # One module (and one weight array per projection) per layer: unrolled at trace time, which
         # decodes faster than a scan over stacked weights (see DESIGN.md, measured on CPU).
-        self.layers = nnx.List([Block(cfg, dtype, rngs, quantize) for _ in range(cfg.n_layers)])
+        self.layers = nnx.List([Block(cfg, dtype, rngs, quantize, self.mlp_class(cfg, i)) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _weight(_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dtype,
                                           cfg.d_model**-0.5), quantize, (0,))
+
+    @staticmethod
+    def mlp_class(cfg: ModelConfig, layer: int) -> type[nnx.Module]:
+        """The feed-forward module of `layer` (models/moe.py's subclass picks its experts here)."""
+        return MLP
 
     def __call__(self, tokens, positions, cache, logits_index=None, layers=None):
         """tokens, positions [B,T] -> logits [B,T,V] (or [B,1,V] at `logits_index` [B]), cache.

@@ -77,7 +77,8 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
 
 
 def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None, seq_ids=None, shared_pages=None, *,
-                    scale: float | None = None, pages_per_block: int | None = None, query_block: int = 1):
+                    scale: float | None = None, pages_per_block: int | None = None, query_block: int = 1,
+                    window: int = 0, softcap: float = 0.0):
     """Attention of q over the pool; returns q's shape and dtype.
 
     q [B, T, N, H] (row b reads page_tables[b]) with q_positions [B, T], which may be omitted for
@@ -88,6 +89,9 @@ def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None,
     step, default `default_pages_per_block`. `shared_pages` (q [B, T, N, H] only; int32 scalar): the
     first shared_pages pages are the same full pages in every row that holds tokens (a prefix they
     share); they are read once for all rows (cascade attention), the rest row by row.
+    `window` (static) W > 0: a query at position p sees only positions p - W < j <= p (a sliding-window
+    layer), and the pages before every query's window are not read; the shared pages are then read
+    row by row like the rest. `softcap` (static) c > 0: scores -> c * tanh(scores / c) before the mask.
     """
     packed = q.ndim == 3
     if packed:
@@ -112,13 +116,15 @@ def paged_attention(q, k_pages, v_pages, page_tables, kv_lens, q_positions=None,
         else:
             pos = q_positions.astype(jnp.int32)
     out = _attend(rows, k_pages, v_pages, page_tables, kv_lens, row_seq, pos,
-                  q.shape[-1] ** -0.5 if scale is None else scale, pages_per_block, shared_pages)
+                  q.shape[-1] ** -0.5 if scale is None else scale, pages_per_block, shared_pages, window, softcap)
     return out.reshape(q.shape) if packed else out
 
 
-def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, pages_per_block, shared_pages=None):
+def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, pages_per_block, shared_pages=None,
+            window=0, softcap=0.0):
     """q [R, T, N, H] with row_seq [R] (page-table row of each query row) and pos [R, T]; the first
-    shared_pages pages of page_tables[0] (the same in every row holding tokens) read once for all."""
+    shared_pages pages of page_tables[0] (the same in every row holding tokens) read once for all
+    (not under a window, whose rows read only their windows' pages)."""
     R, T, N, H = q.shape
     k_vals, _ = _values(k_pages)
     num_pages, P, K, _ = k_vals.shape
@@ -136,6 +142,11 @@ def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, page
     # Keys visible to query (r, t): positions j < lens[r] and j <= pos[r, t].
     limit = jnp.minimum(pos + 1, lens[:, None])  # [R, T]
     n_live = jnp.max(limit, initial=0)
+    if window:  # and positions j > pos[r, t] - window
+        first = jnp.maximum(pos - window + 1, 0)  # [R, T]
+        live = limit > first
+        # the first page any query's window reaches: the row loop starts there
+        first_page = jnp.min(jnp.where(live, first, n_live), initial=n_live) // P
     qg = q.reshape(R, T, K, G, H)
 
     def update(carry, kb, ks, vb, vs, j, spec):
@@ -147,7 +158,11 @@ def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, page
         if ks is not None:  # per-(token, head) scales factor out of the sum over H
             s = s * scales(ks)
         s = s * scale
+        if softcap:
+            s = softcap * jnp.tanh(s / softcap)
         visible = j[None, None, :] < limit[:, :, None]  # [R, T, S]
+        if window:
+            visible &= j[None, None, :] >= first[:, :, None]
         s = jnp.where(visible[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
@@ -168,8 +183,8 @@ def _attend(q, k_pages, v_pages, page_tables, kv_lens, row_seq, pos, scale, page
 
     carry = (jnp.full((R, K, G, T), -jnp.inf, jnp.float32), jnp.zeros((R, K, G, T), jnp.float32),
              jnp.zeros((R, K, G, T, H), jnp.float32))
-    start = 0  # the first page the row loop reads
-    if shared_pages is not None:
+    start = first_page if window else 0  # the first page the row loop reads
+    if shared_pages is not None and not window:
         # One gather per block for all rows, and a [R * G, H] x [H, S] product per kv head; blocks of
         # SHARED_BLOCK_TOKENS, so a short shared prefix (a chat template's system line) costs little.
         sppb = max(1, SHARED_BLOCK_TOKENS // P)

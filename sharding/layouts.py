@@ -26,6 +26,11 @@ all-to-all so that each device holds B/n rows of the KV cache instead of a repli
 Pope et al. Fig. 4c/5b). Pope et al. use heads-sharded attention for prefill, batch-sharded for
 decode; `attention="auto"` does the same when batch sharding applies.
 
+Mixture of experts (models/moe.py): expert weights [E, D, F] name E "expert", and the router's
+output "expert_logits"; no layout here lists either, so every device group holds every expert, each
+split in D and F as the dense MLP's (tensor parallelism inside each expert), and the token-slots the
+experts see ("act_expert_embed") carry whole D.
+
 Shapes an axis does not divide (SmolLM2's 9 query and 3 kv heads over 2 or more devices) are
 partially replicated: rules.spec keeps only the leading mesh axes whose product divides the
 dimension. Results are unchanged; only memory and communication differ from the ideal.

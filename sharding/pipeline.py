@@ -165,6 +165,10 @@ class Pipeline:
             raise ValueError(f"the pipeline was made for {self.n_layers} layers, the model has {len(model.layers)}")
         splits = [nnx.split(layer) for layer in model.layers]
         block_graph = splits[0][0]
+        differ = [i for i, (graph, _) in enumerate(splits) if graph != block_graph]
+        if differ:  # every slot runs layer 0's graph
+            raise ValueError(f"pipeline stages need layers of one structure; layers {differ} differ from layer 0 "
+                             f"(e.g. a sliding-window layer among global ones): run without a stage axis")
         by_slot = [None] * self.cache_layers  # None: a padding slot
         for slot, (_, state) in zip(self.slots(), splits):
             by_slot[slot] = state

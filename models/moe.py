@@ -1,0 +1,107 @@
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE): the Llama family with its MLP replaced by experts.
+
+Attention, norms, RoPE, embeddings and head are models/llama.py's (`MoE` subclasses `Llama` and only
+picks each layer's feed-forward module); a layer is a `SparseMoE` unless the config lists it in
+`dense_layers` (Qwen3-MoE's `mlp_only_layers` / `decoder_sparse_step`), where it keeps Llama's MLP.
+
+SparseMoE, per token: router logits [E] -> softmax over all E experts (float32) -> the top k ->
+renormalised over the k chosen (Mixtral always; Qwen3-MoE when `norm_topk_prob`) -> the token's
+output is the weighted sum of its k experts' SwiGLU outputs. Qwen2-MoE adds a shared expert, a
+dense SwiGLU of width shared_expert_d_ff that every token goes through, scaled by sigmoid(x . w_gate).
+
+Dispatch: the T*k token-slots are sorted by expert and each expert's contiguous run goes through its
+own weights with `jax.lax.ragged_dot` (group sizes = tokens per expert), then the slots are unsorted
+and summed per token. Chosen over capacity buckets ([E, C, D] with C a guessed per-expert capacity)
+because it is exact (no token is dropped when an expert is popular, so the logits are HF's) and has
+no padding FLOPs on a backend with a grouped matmul (TPU's ragged_dot instruction / megablox, GPU's
+lowering). XLA:CPU has none: JAX lowers ragged_dot there to a masked dense product over all E
+groups, so on CPU an expert layer costs E/k times its active FLOPs (correct, not fast).
+
+Weights carry the logical axis "expert" on their E dimension: gate, up [E, D, F] ("expert", "embed",
+"mlp"), down [E, F, D] ("expert", "mlp", "embed"), router [D, E] ("embed", "expert_logits").
+sharding/layouts.py leaves "expert" unsplit in the dense layouts, so each expert is split like the
+dense MLP (tensor parallel inside every expert). Glossary as llama.py's, plus E experts, k experts
+per token, M = B*T*k token-slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shardlm.models import llama, quant
+from shardlm.models.config import ModelConfig
+from shardlm.sharding.rules import shard
+
+
+def route(logits, k: int, renormalise: bool):
+    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k]): softmax over all experts,
+    the top k, renormalised over those k if asked (Mixtral; Qwen3-MoE's norm_topk_prob)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if renormalise:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts
+
+
+def _expert_matmul(x, w, group_sizes, expert_of_row):
+    """x [M, in] (rows sorted by expert) times each row's expert's weight [E, in, out] -> [M, out].
+    An int8 weight (QArray) runs on its values and multiplies each row by its expert's scales [E, out]."""
+    if isinstance(w, quant.QArray):
+        y = jax.lax.ragged_dot(x, w.values.astype(x.dtype), group_sizes)
+        return y * w.scale[expert_of_row].astype(y.dtype)
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+class SparseMoE(nnx.Module):
+    """Router and E SwiGLU experts: x [B,T,D] -> [B,T,D]."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs | None, quantize: str | None = None):
+        E, D, F = cfg.n_experts, cfg.d_model, cfg.expert_d_ff
+        # The router stays float under int8: [D, E] is small and its top-k decides which experts run.
+        self.router = llama.make_param(rngs, (D, E), ("embed", "expert_logits"), dtype, D**-0.5)
+        in_axes, out_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+        self.gate = llama.make_weight(llama.make_param(rngs, (E, D, F), in_axes, dtype, D**-0.5), quantize, (1,))
+        self.up = llama.make_weight(llama.make_param(rngs, (E, D, F), in_axes, dtype, D**-0.5), quantize, (1,))
+        self.down = llama.make_weight(llama.make_param(rngs, (E, F, D), out_axes, dtype, F**-0.5), quantize, (1,))
+        self.k = cfg.experts_per_token
+        self.renormalise = cfg.norm_topk_prob
+        if cfg.shared_expert_d_ff:  # Qwen2-MoE: Llama's MLP at the shared width, with a scalar gate per token
+            self.shared = llama.MLP(cfg.replace(d_ff=cfg.shared_expert_d_ff), dtype, rngs, quantize)
+            self.shared_gate = llama.make_param(rngs, (D, 1), ("embed", "shared_gate"), dtype, D**-0.5)
+
+    def __call__(self, x):
+        B, T, D = x.shape
+        E, k = self.router.shape[1], self.k
+        # Every token's whole D on each device: the sort and gather below move tokens, not D slices.
+        tokens = shard(x, ("batch", "seq", "act_expert_embed")).reshape(B * T, D)  # [B*T, D]
+        logits = jnp.einsum("td,de->te", tokens, llama.weight_in_use(self.router))
+        weights, experts = route(logits, k, self.renormalise)  # [B*T, k] each
+
+        # Sort the B*T*k token-slots by expert (stable: a token's slots keep their order), so each
+        # expert's rows are one contiguous group of ragged_dot.
+        flat = experts.reshape(-1)  # [M]
+        order = jnp.argsort(flat, stable=True)
+        sorted_experts = flat[order]
+        group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E] token-slots per expert
+        rows = tokens[order // k]  # [M, D]
+        gate = _expert_matmul(rows, llama.weight_in_use(self.gate), group_sizes, sorted_experts)  # [M, F]
+        up = _expert_matmul(rows, llama.weight_in_use(self.up), group_sizes, sorted_experts)
+        out = _expert_matmul(jax.nn.silu(gate) * up, llama.weight_in_use(self.down), group_sizes, sorted_experts)  # [M, D]
+
+        # Combine: back to slot order (the inverse permutation), weighted sum over each token's k slots.
+        out = out[jnp.argsort(order)].reshape(B * T, k, D)
+        y = jnp.einsum("tkd,tk->td", out, weights.astype(out.dtype)).reshape(B, T, D)
+        if hasattr(self, "shared"):
+            gate = jax.nn.sigmoid(jnp.einsum("btd,do->bto", x, llama.weight_in_use(self.shared_gate)))  # [B, T, 1]
+            y = y + gate * self.shared(x)
+        return shard(y, ("batch", "seq", "act_embed"))
+
+
+class MoE(llama.Llama):
+    """A Llama-family decoder whose feed-forward layers are SparseMoE (those in cfg.dense_layers: MLP)."""
+
+    @staticmethod
+    def mlp_class(cfg: ModelConfig, layer: int) -> type[nnx.Module]:
+        return llama.MLP if layer in cfg.dense_layers else SparseMoE
