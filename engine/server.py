@@ -47,7 +47,6 @@ from shardlm.engine.openai_api import APIError, ChunkWriter, Parsed
 from shardlm.engine.sampling import SamplingParams
 
 IDLE_S = 0.05  # multi-host: how often process 0 tells the others, while idle, that nothing came
-POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 
 
 class QueueFull(Exception):
@@ -411,15 +410,17 @@ def create_app(loop: ServeLoop, *, model_name: str, api_key: str | None = None):
         prompts = len(parsed.requests)
         if parsed.stream:
             return StreamingResponse(_stream(loop, number, prompts, writer, events), media_type="text/event-stream")
+        # The body is read, so the next ASGI message is the client leaving: it aborts the request at once.
+        left = asyncio.ensure_future(_disconnect(request))
         try:
             while True:
-                try:
-                    kind_, payload = await asyncio.wait_for(events.get(), POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        loop.abort(number, prompts)
-                        return Response(status_code=499)
-                    continue
+                event = asyncio.ensure_future(events.get())
+                await asyncio.wait({event, left}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    loop.abort(number, prompts)
+                    return Response(status_code=499)
+                kind_, payload = event.result()
                 if kind_ == "response":
                     return JSONResponse(payload)
                 if kind_ == "error":
@@ -427,6 +428,8 @@ def create_app(loop: ServeLoop, *, model_name: str, api_key: str | None = None):
         except asyncio.CancelledError:
             loop.abort(number, prompts)
             raise
+        finally:
+            left.cancel()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -437,6 +440,12 @@ def create_app(loop: ServeLoop, *, model_name: str, api_key: str | None = None):
         return await complete(request, openai_api.COMPLETION)
 
     return app
+
+
+async def _disconnect(request: HTTPRequest) -> None:
+    """Returns when the client has gone (uvicorn sends http.disconnect once the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _stream(loop: ServeLoop, number: int, prompts: int, writer: ChunkWriter, events: asyncio.Queue):
