@@ -627,14 +627,17 @@ def _not_shown(ranked, mesh: dict[str, int], phase: str, batch: int) -> str:
     from shardlm.sharding.layouts import LAYOUTS
 
     chips, shown = math.prod(mesh.values()), {e.layout for e in ranked}
+    moe = any(e.moe for e in ranked)
     why = []
-    for name in LAYOUTS:
-        if name in shown:
+    for name, layout in LAYOUTS.items():
+        if name in shown or (layout.weights.get("expert") and not moe):  # expert-parallel: for experts only
             continue
         if name == "replicated":
             why.append("replicated (only considered on one chip)")
         elif chips == 1:
             why.append(f"{name} (needs more than one chip)")
+        elif layout.weights.get("expert"):
+            why.append(f"{name} (its experts or expert F do not split over its axes of this mesh)")
         else:
             tokens = "batch" if phase == "decode" else "batch or context"
             why.append(f"{name} (cannot split the {tokens} over its gathered axes, so it would run as 2D)")
@@ -651,9 +654,21 @@ def cmd_plan(args) -> int:
     config = preset(args.model)
     if args.chips < 1:
         raise ValueError(f"--chips must be >= 1, got {args.chips}")
+    # A mixture of experts' routing: planner.plan's imbalance and capacity_factor ({} for a dense model).
+    imbalance, cf = args.expert_imbalance, args.capacity_factor
+    if not 1 <= imbalance < math.inf:  # also NaN
+        raise ValueError(f"--expert-imbalance must be a finite number >= 1 (1: every expert group gets the mean "
+                         f"slots), got {imbalance:g}")
+    if cf is not None and not 0 < cf < math.inf:
+        raise ValueError(f"--capacity-factor must be a finite number > 0 (leave it out for dropless), got {cf:g}")
+    if not config.n_experts and (imbalance != 1 or cf is not None):
+        raise ValueError(f"--expert-imbalance and --capacity-factor apply to a mixture of experts; {config.name} is dense")
+    moe = dict(imbalance=imbalance, capacity_factor=cf) if config.n_experts else {}
     stages = pipeline.stages_in(parse_mesh(args.mesh)) if args.mesh else 1
     _check_microbatches(args, stages, args.batch, "--batch")
     if stages > 1:
+        if imbalance != 1 or cf is not None:
+            raise ValueError("--expert-imbalance and --capacity-factor are not planned with pipeline stages yet")
         return _plan_pipeline(args, config, parse_mesh(args.mesh))
     mesh = parse_mesh(args.mesh) if args.mesh else planner.default_mesh(args.chips)
     mesh = planner.check_mesh(mesh, args.chips)
@@ -661,8 +676,8 @@ def cmd_plan(args) -> int:
     context = _context(args, config)
     out = {}
     for phase in [args.phase] if args.phase else ["prefill", "decode"]:
-        ranked = planner.plan(config, args.chip, mesh, phase, args.batch, context, weight_bytes=wb)
-        chosen = planner.best(config, args.chip, mesh, phase, args.batch, context, weight_bytes=wb)
+        ranked = planner.plan(config, args.chip, mesh, phase, args.batch, context, weight_bytes=wb, **moe)
+        chosen = planner.best(config, args.chip, mesh, phase, args.batch, context, weight_bytes=wb, **moe)
         chosen = ranked[0]  # best() is the first of the ranking that fits
         out[phase] = {"best": {"layout": chosen.layout, "attention": chosen.attention,
                                "step_time_s": chosen.step_time_s, "mfu": chosen.mfu, "mbu": chosen.mbu},
@@ -672,13 +687,21 @@ def cmd_plan(args) -> int:
                   f"{','.join(f'{a}={s}' for a, s in mesh.items())}, batch {args.batch}, context {context}, "
                   f"{args.weights} weights (step = max(compute, memory, hidden comm) + exposed comm; "
                   f"comm = all collectives)")
+            if moe:
+                print(f"  mixture of experts: {config.n_params / 1e9:.1f}B parameters, {config.n_active_params / 1e9:.1f}B "
+                      f"active per token ({config.experts_per_token} of {config.n_experts} experts); expert imbalance "
+                      f"{args.expert_imbalance:g}, {'dropless' if cf is None else f'capacity factor {cf:g}'}; "
+                      f"a2a = the all-to-alls' operand MiB per chip per step, EPxTP = expert groups x devices in one "
+                      f"(TP: every expert on every group, its F split as the dense MLP's)")
             print(f"  {'layout':22} {'attn':5} {'step ms':>10} {'compute':>9} {'memory':>9} {'comm':>9} "
-                  f"{'GiB/chip':>8} {'MFU':>5} {'MBU':>5}")
+                  f"{'GiB/chip':>8} {'MFU':>5} {'MBU':>5}" + (f" {'a2a MiB':>8} {'EPxTP':>6}" if moe else ""))
             for e in ranked:
                 mark = "*" if e is chosen else " "
+                split = f"{e.moe['ep']}x{e.moe['tp']}" if moe and e.moe["ep"] > 1 else "TP"
+                extra = f" {e.moe['all_to_all_bytes'] / 2**20:8.1f} {split:>6}" if moe else ""
                 print(f"{mark} {e.layout:22} {e.attention:5} {e.step_time_s * 1e3:10.2f} {e.compute_s * 1e3:9.2f} "
                       f"{e.memory_s * 1e3:9.2f} {e.comm_s * 1e3:9.2f} {e.bytes_per_chip / 2**30:8.1f} "
-                      f"{e.mfu:5.2f} {e.mbu:5.2f}" + ("" if e.fits else "  does not fit"))
+                      f"{e.mfu:5.2f} {e.mbu:5.2f}" + extra + ("" if e.fits else "  does not fit"))
             print(f"  chosen: {chosen.layout} with {chosen.attention}-sharded attention")
             print(_not_shown(ranked, mesh, phase, args.batch) + "\n")
     if args.json:
@@ -735,6 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--phase", default=None, choices=["prefill", "decode"], help="default: both")
     pl.add_argument("--weights", default="bf16", choices=["int8", "bf16", "bfloat16"], help="weight dtype")
     pl.add_argument("--microbatches", type=int, default=None, help="with a stage axis in --mesh (default: the stages)")
+    pl.add_argument("--expert-imbalance", type=float, default=1.0, metavar="M",
+                    help="mixture of experts: the busiest expert group gets M x the mean token-slots (>= 1; default 1)")
+    pl.add_argument("--capacity-factor", type=float, default=None, metavar="C",
+                    help="mixture of experts: expert-parallel slots per destination, C x the mean (> 0; default dropless)")
     pl.add_argument("--json", action="store_true", help="one JSON object")
     pl.set_defaults(func=cmd_plan)
 

@@ -32,8 +32,27 @@ exposed chunks + the rest; comm_s is every collective's time, hidden or not. Com
 traffic overlap (a roofline); matmuls run at the bf16 peak even with int8 weights ("the matmuls
 still use bfloat16 arithmetic", Pope et al. 4.4); int8 weights halve weight bytes, held and moved.
 benchmarks/results/planner_vs_paper.md compares the result with the paper's measurements.
-MFU = 2 N tokens / (chips x peak x step) as in Pope et al. (N: the unpadded parameter count);
-MBU = HBM bytes per step / (step x HBM bandwidth).
+MFU = 2 N tokens / (chips x peak x step) as in Pope et al. (N: the unpadded parameter count;
+a mixture of experts' active parameters); MBU = HBM bytes per step / (step x HBM bandwidth).
+
+Mixture of experts (`config.n_experts > 0`, `_estimate_moe`): a sparse layer's FLOPs are its
+active parameters' (router, k experts per token, the shared expert) with attention's; each chip
+holds its share of all E experts, and reads per step the experts the step's B*T*k token-slots
+touch, E (1 - (1 - 1/E)^(B T k)) a layer under uniform routing. The dense layouts keep every expert
+whole on every device group and split its D and F as the dense MLP's (tensor parallelism inside
+every expert): XLA all-gathers the residual to whole D and all-reduces the partial sums of the
+T*k slots' projections (not a reduce-scatter of the T tokens after the combine, as a dense MLP's
+would be); weight-gathered layouts gather every expert. The expert-parallel layouts
+(`is_expert_parallel`: sharding/layouts.py splits "expert" over ep devices, "expert_mlp" over tp)
+run attention and dense layers as 1d_weight_stationary and a sparse layer as sharding/experts.py
+does: the router's logits all-reduced over the n = ep x tp devices, one all-to-all dispatching each
+device's D chunk of the [ep, C, D] slot buffer (C = experts.capacity for the ceil(T/n) tokens of a
+device) and one combining it back, both of operand bytes experts.dispatch_bytes; under EP x TP the
+buffer all-gathered over the tp axes and the down projection's partial sums reduce-scattered.
+`imbalance` m >= 1: the busiest EP group receives m x the mean slots (its expert FLOPs and the
+experts it touches scale, the step waits for it); with a `capacity_factor` c the buffer is sized
+for that group, C = capacity(.., c x m), and slots past it are dropped. Tensor parallelism inside
+experts is immune to imbalance: every chip computes its F slice of every slot.
 """
 
 from __future__ import annotations
@@ -363,11 +382,68 @@ class Estimate:
     layer_collectives: tuple = ()  # Coll of one layer
     padded_heads: int = 0
     mesh: dict = field(default_factory=dict)
+    moe: dict | None = None  # a mixture of experts' terms (`_estimate_moe`); None for a dense model
 
     def as_dict(self) -> dict:
         keys = ("layout", "attention", "fits", "step_time_s", "compute_s", "memory_s", "comm_s", "mfu", "mbu",
                 "bytes_per_chip", "flops", "hbm_bytes", "kv_bytes_per_chip", "weight_bytes_per_chip", "padded_heads")
-        return {k: getattr(self, k) for k in keys} | {"collectives": dict(self.collectives)}
+        out = {k: getattr(self, k) for k in keys} | {"collectives": dict(self.collectives)}
+        return out if self.moe is None else out | {"moe": dict(self.moe)}
+
+
+# ----- expert parallelism -----
+
+def is_expert_parallel(layout) -> bool:
+    """A layout that splits the experts (sharding/layouts.py: weights["expert"] names mesh axes)."""
+    return bool(layout.weights.get("expert"))
+
+
+def default_layouts(config, n_chips: int) -> list[str]:
+    """The layouts `plan` ranks by default: all but replicated (replicated on one chip), the
+    expert-parallel ones only for a mixture of experts."""
+    if n_chips == 1:
+        return ["replicated"]
+    return [name for name, lay in LAYOUTS.items()
+            if name != "replicated" and (config.n_experts or not is_expert_parallel(lay))]
+
+
+def expert_axes(layout, mesh_shape) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(EP axes, TP axes) of an expert-parallel layout on a mesh: the mesh axes (of more than one
+    device) the experts are split over, and those each expert's F is split over, as
+    sharding/experts.py reads them from the rules."""
+    live = lambda name: tuple(a for a in layout.weights.get(name, ()) if mesh_shape.get(a, 1) > 1)  # noqa: E731
+    return live("expert"), live("expert_mlp")
+
+
+def expert_split(config, layout, mesh_shape) -> tuple[int, int]:
+    """(ep, tp) of an expert-parallel layout: the groups the experts are split over and the devices
+    of a group that split each expert's F; ValueError where the layout cannot run the model there."""
+    ep_axes, tp_axes = expert_axes(layout, mesh_shape)
+    ep, tp = math.prod(mesh_shape[a] for a in ep_axes), math.prod(mesh_shape[a] for a in tp_axes)
+    where = f"mesh {','.join(f'{a}={s}' for a, s in mesh_shape.items())}"
+    if not config.n_experts:
+        raise ValueError(f"{layout.name} splits a mixture of experts' experts; {config.name} has none")
+    if ep == 1:
+        raise ValueError(f"{layout.name}: its expert axes have one device on {where} (no expert parallelism)")
+    if config.n_experts % ep:
+        raise ValueError(f"{layout.name}: {config.n_experts} experts do not divide over {ep} expert groups on {where}")
+    if config.expert_d_ff % tp or config.d_model % (ep * tp):
+        raise ValueError(f"{layout.name}: expert F {config.expert_d_ff} over {tp} or d_model {config.d_model} over "
+                         f"{ep * tp} devices does not divide on {where}")
+    return ep, tp
+
+
+def experts_hit(n_experts: int, slots: float) -> float:
+    """Expected distinct experts that `slots` token-slots routed uniformly at random touch."""
+    return n_experts * (1 - (1 - 1 / n_experts) ** slots)
+
+
+def check_moe_inputs(imbalance, capacity_factor) -> None:
+    number = lambda v: not isinstance(v, bool) and isinstance(v, (int, float))  # noqa: E731
+    if not number(imbalance) or not 1 <= imbalance < math.inf:
+        raise ValueError(f"expert imbalance must be a finite number >= 1 (1: uniform routing), got {imbalance!r}")
+    if capacity_factor is not None and (not number(capacity_factor) or not 0 < capacity_factor < math.inf):
+        raise ValueError(f"capacity factor must be a finite number > 0 (or None: dropless), got {capacity_factor!r}")
 
 
 def _padded_heads(config, layout, mesh_shape) -> int:
@@ -383,12 +459,17 @@ def _padded_heads(config, layout, mesh_shape) -> int:
 
 
 def estimate(config, chip, mesh_shape, phase, batch, context, layout, attention="heads", weight_bytes=2,
-             kv_bytes=2, act_bytes=ACT_BYTES) -> Estimate:
-    """One layout and attention sharding; see the module docstring for the model."""
+             kv_bytes=2, act_bytes=ACT_BYTES, *, imbalance=1.0, capacity_factor=None) -> Estimate:
+    """One layout and attention sharding; see the module docstring for the model. imbalance and
+    capacity_factor apply to a mixture of experts only."""
     chip = get_chip(chip) if isinstance(chip, str) else chip
     mesh_shape = check_mesh(mesh_shape)
     n = math.prod(mesh_shape.values())
     lay = get_layout(layout) if isinstance(layout, str) else layout
+    if config.n_experts:
+        check_moe_inputs(imbalance, capacity_factor)
+        return _estimate_moe(config, chip, mesh_shape, phase, batch, context, lay, attention, weight_bytes, kv_bytes,
+                             act_bytes, imbalance, capacity_factor)
     seq = 1 if phase == "decode" else context
     tokens = batch * seq
     N = _padded_heads(config, lay, mesh_shape)
@@ -430,6 +511,167 @@ def estimate(config, chip, mesh_shape, phase, batch, context, layout, attention=
         collectives=kinds, layer_collectives=tuple(colls), padded_heads=N, mesh=dict(mesh_shape))
 
 
+def _estimate_moe(config, chip, mesh_shape, phase, batch, context, lay, attention, wb, kvb, ab, imbalance,
+                  capacity_factor) -> Estimate:
+    """A mixture of experts: see the module docstring's last paragraph."""
+    from shardlm.sharding import experts  # the dispatch buffer's shapes, as the engine compiles them
+
+    n = math.prod(mesh_shape.values())
+    seq = 1 if phase == "decode" else context
+    tokens = batch * seq
+    ep_layout = is_expert_parallel(lay)
+    ep, tp = expert_split(config, lay, mesh_shape) if ep_layout else (1, 1)
+    N = _padded_heads(config, lay, mesh_shape)
+    D, K, Q, V = config.d_model, config.n_kv_heads, config.head_dim, config.vocab_size
+    NE, k, Fe, Fs = config.n_experts, config.experts_per_token, config.expert_d_ff, config.shared_expert_d_ff
+    L = config.n_layers
+    L_moe = sum(config.is_moe_layer(i) for i in range(L))
+    L_dense = L - L_moe
+    ctx = _Ctx(lay, mesh_shape, phase, batch, seq, K, attention)
+    s = _Shape(D, config.d_ff, N, K, Q, 2)
+    dense_layer = layer_collectives(ctx, s, batch, seq, config.parallel_block, ab, wb)
+    attn = [c for c in dense_layer if c.block == "attention"]
+    local = batch // ctx.size(ctx.axes("batch", batch)) * (seq // ctx.size(ctx.axes("seq", seq)))  # tokens here
+
+    def weight_gathers(what, dims):  # a stored weight (all its experts) gathered dimension by dimension
+        return _weight_gathers(ctx, "mlp", what, dims, wb)
+
+    if ep_layout:
+        # sharding/experts.py's data flow: each device routes every token from its D chunk of the
+        # 1D residual (the logits psummed over all devices) and sends each EP group its D chunk of
+        # the slots routed there, [ep, n*C, D/n], the bytes of [ep, C, D] with C for the
+        # ceil(T/n) tokens of a device; under EP x TP the buffer is all-gathered over TP before the
+        # experts and their partial down projections reduce-scattered after them.
+        ep_axes, tp_axes = expert_axes(lay, mesh_shape)
+        devices = ep * tp
+        cf = None if capacity_factor is None else capacity_factor * imbalance  # sized for the busiest group
+        tokens_per_group = -(-local // devices)
+        capacity = experts.capacity(tokens_per_group, k, ep, cf)
+        a2a = experts.dispatch_bytes(tokens_per_group, k, D, ep, ab, cf)  # per device, dispatch and combine each
+        moe = [c for c in dense_layer if c.block == "mlp" and c.what == "rmsnorm"]
+        moe.append(Coll("mlp", "all-reduce", "router logits", devices, local * NE * 4, ctx.sizes(ep_axes + tp_axes)))
+        moe.append(Coll("mlp", "all-to-all", "expert dispatch", ep, a2a, ctx.sizes(ep_axes)))
+        if tp > 1:
+            moe.append(Coll("mlp", "all-gather", "expert input", tp, a2a, ctx.sizes(tp_axes), looped=True))
+            moe.append(Coll("mlp", "reduce-scatter", "expert down output", tp, tp * a2a, ctx.sizes(tp_axes),
+                            looped=True))
+        moe.append(Coll("mlp", "all-to-all", "expert combine", ep, a2a, ctx.sizes(ep_axes)))
+        if Fs:
+            moe += _shared_expert(ctx, D, Fs, N, K, Q, batch, seq, local, ab, wb)
+        m = min(imbalance, ep)  # the busiest group cannot receive more than every slot
+        received = min(m * local * k / ep, devices * capacity)  # slots the busiest group computes
+        expert_flops = 2 * received * 3 * D * Fe / tp
+        dropped = 1 - received / (m * local * k / ep)
+        hit = experts_hit(NE, m * tokens * k)
+    else:
+        # Tensor parallel inside every expert, as XLA partitions models/moe.py's dispatch (checked
+        # against the compiled program on 8 CPU devices): the residual all-gathered to whole D, the
+        # M = T*k slots' matmuls on each device's D x F block of every expert, and their partial
+        # sums all-reduced on the slots (before the combine): the router's logits and the gate/up
+        # outputs over the axes splitting the weights' D, the down projection's over those
+        # splitting F. Weight-gathered layouts gather the router and every expert (XLA also sorts
+        # the slots of all their token-split devices together: small collectives not counted).
+        e_res, e_ax = ctx.axes("act_embed", D), ctx.axes("embed", D)
+        f_ax = ctx.axes("expert_mlp", Fe) or ctx.axes("mlp", Fe)
+        e_w = tuple(a for a in e_ax if a not in ctx.gathered)
+        f_w = tuple(a for a in f_ax if a not in ctx.gathered)
+        slots = local * k
+        moe = [c for c in dense_layer if c.block == "mlp" and c.what == "rmsnorm"]
+        if e_res:
+            moe.append(Coll("mlp", "all-gather", "residual", ctx.size(e_res), local * D // ctx.size(e_res) * ab,
+                            ctx.sizes(e_res), looped=True))
+        moe += weight_gathers("router", [(D, e_ax), (NE, ())])
+        if e_w:
+            moe.append(Coll("mlp", "all-reduce", "router logits", ctx.size(e_w), local * NE * ab, ctx.sizes(e_w)))
+        for name in ("gate", "up"):
+            moe += weight_gathers(f"expert {name}", [(NE, ()), (D, e_ax), (Fe, f_ax)])
+        if e_w:  # XLA combines the gate's and the up projection's all-reduce into one
+            moe.append(Coll("mlp", "all-reduce", "expert gate+up output", ctx.size(e_w),
+                            2 * slots * (Fe // ctx.size(f_w)) * ab, ctx.sizes(e_w), looped=True))
+        moe += weight_gathers("expert down", [(NE, ()), (Fe, f_ax), (D, e_ax)])
+        if f_w:
+            moe.append(Coll("mlp", "all-reduce", "expert down output", ctx.size(f_w),
+                            slots * (D // ctx.size(e_w)) * ab, ctx.sizes(f_w), looped=True))
+        if Fs:
+            moe += _shared_expert(ctx, D, Fs, N, K, Q, batch, seq, local, ab, wb)
+        expert_flops = 2 * tokens * k * 3 * D * Fe / n
+        dropped = 0.0
+        hit = experts_hit(NE, tokens * k)
+        tokens_per_group = capacity = None  # no dispatch
+
+    attn_params = D * (N + 2 * K) * Q + N * Q * D + 2 * D
+    dense_mlp = 3 * D * config.d_ff
+    sparse_rest = D * NE + (3 * D * Fs + D if Fs else 0)  # router, shared expert and its gate
+    expert = 3 * D * Fe
+    vocab_params = V * D * (1 if config.tie_embeddings else 2)
+    attn_ctx = context if phase == "decode" else (context + 1) / 2
+    flops = ((L * (2 * tokens * attn_params + 4 * tokens * attn_ctx * N * Q) + L_dense * 2 * tokens * dense_mlp
+              + L_moe * 2 * tokens * sparse_rest + 2 * batch * D * V) / n + L_moe * expert_flops)
+
+    gathered = math.prod(mesh_shape[a] for a in lay.gathered)
+    shared_params = L * attn_params + L_dense * dense_mlp + L_moe * sparse_rest
+    weight_held = (shared_params + L_moe * NE * expert + vocab_params) * wb / n
+    weight_read = ((shared_params + L_moe * hit * expert) * gathered + vocab_params) * wb / n
+    kv_batch = ctx.size(ctx.axes("attn_batch", batch))
+    kv_heads = ctx.size(ctx.axes("attn_kv_heads", K))
+    kv_held = 2 * L * batch * context * K * Q * kvb / (kv_batch * kv_heads)
+    gathered_layer = (attn_params + sparse_rest + NE * expert) * wb * gathered / n if gathered > 1 else 0
+    held = weight_held + kv_held + gathered_layer
+    hbm = weight_read + kv_held
+
+    compute_s = flops / chip.bf16_flops
+    memory_s = hbm / chip.hbm_bw
+    dense_mlp_colls = [c for c in dense_layer if c.block == "mlp"]
+    groups = [(attn, L), (dense_mlp_colls, L_dense), (moe, L_moe)]
+    step, comm_s = _step_time_groups(groups, compute_s, memory_s, chip, n)
+    kinds = {}
+    for colls, count in groups:
+        for c in colls:
+            kinds[c.kind] = kinds.get(c.kind, 0) + count * c.operand_bytes
+    a2a_layer = sum(c.operand_bytes for c in moe if c.what in ("expert dispatch", "expert combine"))
+    terms = dict(active_params=config.n_active_params, experts=NE, experts_per_token=k, sparse_layers=L_moe,
+                 ep=ep, tp=tp, imbalance=imbalance, capacity_factor=capacity_factor,
+                 tokens_per_group=tokens_per_group, capacity=capacity, dropped_fraction=dropped,
+                 experts_hit_per_layer=hit, all_to_all_bytes_per_layer=a2a_layer,
+                 all_to_all_bytes=L_moe * a2a_layer, expert_compute_s=L_moe * expert_flops / chip.bf16_flops,
+                 expert_read_bytes=L_moe * hit * expert * gathered * wb / n)
+    return Estimate(
+        layout=lay.name, attention=attention, phase=phase, fits=held <= chip.hbm_bytes, step_time_s=step,
+        compute_s=compute_s, memory_s=memory_s, comm_s=comm_s,
+        mfu=2 * config.n_active_params * tokens / (n * chip.bf16_flops * step), mbu=memory_s / step,
+        bytes_per_chip=held, flops=flops, hbm_bytes=hbm, kv_bytes_per_chip=kv_held, weight_bytes_per_chip=weight_held,
+        collectives=kinds, layer_collectives=tuple(attn + moe), padded_heads=N, mesh=dict(mesh_shape), moe=terms)
+
+
+def _shared_expert(ctx, D, Fs, N, K, Q, batch, seq, tokens, ab, wb) -> list[Coll]:
+    """A shared expert (models/moe.py keeps it a dense MLP under every layout): the dense MLP's
+    collectives at width Fs, and its scalar gate x . w [T, 1] summed over the residual's D split."""
+    shared = layer_collectives(ctx, _Shape(D, Fs, N, K, Q, 2), batch, seq, False, ab, wb, ffn_only=True)
+    out = [c for c in shared if c.what != "rmsnorm"]
+    e_res = ctx.axes("act_embed", D)
+    if e_res:
+        out.append(Coll("mlp", "all-reduce", "shared gate", ctx.size(e_res), tokens * ab, ctx.sizes(e_res)))
+    return out
+
+
+def _step_time_groups(groups, compute_s, memory_s, chip, n_chips) -> tuple[float, float]:
+    """step_time over layers of several kinds: groups of (one layer's collectives, layer count)."""
+    if n_chips == 1:
+        return max(compute_s, memory_s), 0.0
+    bw = chip.axis_bw(n_chips)
+    hidden = exposed = total = 0.0
+    for colls, count in groups:
+        for c in colls:
+            for k, t, hideable in c.phases(chip, bw):
+                total += count * t
+                if hideable:
+                    hidden += count * t * (k - 1) / k
+                    exposed += count * t / k
+                else:
+                    exposed += count * t
+    return max(compute_s, memory_s, hidden) + exposed, total
+
+
 def step_time(colls, n_layers, compute_s, memory_s, chip, n_chips) -> tuple[float, float]:
     """(step, communication) seconds. A looped ring (Pope et al. 3.5, Wang et al. 2023) is cut into
     as many chunks as it has chips: all but one run under the matmuls (the chunk the loop starts or
@@ -462,28 +704,39 @@ def check_inputs(config, phase, batch, context, weight_bytes, kv_bytes):
 
 
 def plan(config, chip, mesh_shape, phase, batch, context, weight_bytes=2, kv_bytes=2, *, layouts=None,
-         attention="auto") -> list[Estimate]:
+         attention="auto", imbalance=1.0, capacity_factor=None) -> list[Estimate]:
     """Every layout x attention sharding, best first (those that fit HBM before those that do not).
 
     mesh_shape: {"x":..,"y":..,"z":..} or a chip count (the most cubic mesh). layouts: names to
-    consider (default all but replicated; replicated on one chip). attention: "heads", "batch" or
-    "auto" (both where they apply). Names that cannot apply raise ValueError.
+    consider (default `default_layouts`: all but replicated, replicated on one chip; the
+    expert-parallel ones for a mixture of experts where its experts split). attention: "heads",
+    "batch" or "auto" (both where they apply). imbalance, capacity_factor: a mixture of experts'
+    routing (module docstring). Names that cannot apply raise ValueError.
     """
     chip = get_chip(chip) if isinstance(chip, str) else chip
     mesh_shape = default_mesh(mesh_shape) if isinstance(mesh_shape, int) else check_mesh(mesh_shape)
     check_inputs(config, phase, batch, context, weight_bytes, kv_bytes)
+    check_moe_inputs(imbalance, capacity_factor)
     if attention not in ("auto", "heads", "batch"):
         raise ValueError(f"attention must be auto, heads or batch, got {attention!r}")
     n = math.prod(mesh_shape.values())
     seq = 1 if phase == "decode" else context
     explicit = layouts is not None
     if layouts is None:
-        layouts = ["replicated"] if n == 1 else [name for name in LAYOUTS if name != "replicated"]
+        layouts = default_layouts(config, n)
     if attention == "batch" and (n == 1 or batch % n):
         raise ValueError(f"batch-sharded attention needs the batch ({batch}) to be a multiple of the {n} chips")
+    moe = dict(imbalance=imbalance, capacity_factor=capacity_factor) if config.n_experts else {}
     out = []
     for name in layouts:
         lay = get_layout(name)
+        if is_expert_parallel(lay) and config.n_experts:
+            try:
+                expert_split(config, lay, mesh_shape)
+            except ValueError:
+                if explicit:
+                    raise
+                continue
         abstract_mesh = types.SimpleNamespace(shape=mesh_shape)
         if lay.gathered and lay.effective(abstract_mesh, phase, batch, seq) is not lay:
             if explicit:
@@ -493,7 +746,8 @@ def plan(config, chip, mesh_shape, phase, batch, context, weight_bytes=2, kv_byt
         covers = math.prod(mesh_shape[a] for a in lay.acts.get("tokens", ())) == n  # already batch-split
         modes = [attention] if attention != "auto" else ["heads"] + (["batch"] if n > 1 and batch % n == 0 and not covers else [])
         for mode in modes:
-            out.append(estimate(config, chip, mesh_shape, phase, batch, context, lay, mode, weight_bytes, kv_bytes))
+            out.append(estimate(config, chip, mesh_shape, phase, batch, context, lay, mode, weight_bytes, kv_bytes,
+                                **moe))
     return sorted(out, key=lambda e: (not e.fits, e.step_time_s))
 
 
