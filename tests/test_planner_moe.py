@@ -179,7 +179,7 @@ def test_cli_bad_moe_flags_exit_2_with_one_line(argv, match, capsys):
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and match in captured.err
 
 
-def test_dense_layouts_on_too_few_experts_skip_ep_cleanly():
+def test_expert_parallel_left_out_where_the_experts_do_not_divide():
     """Mixtral's 8 experts do not divide over 64 EP groups: expert_parallel_xyz is left out of the
     ranking (and named with the reason when asked for)."""
     cfg = preset("mixtral-8x7b")
