@@ -1,8 +1,18 @@
 """GGUF files (llama.cpp's format) in: metadata, config, dequantized weights, tokenizer.
 
-For architecture llama, llama.cpp's converter stores W_q and W_k with the rows of each head permuted
-for its interleaved RoPE; shardlm uses the half-split (HF) RoPE, so `_unpermute` undoes that on
-import. qwen2 and qwen3 run llama.cpp's half-split ("NEOX") RoPE and are stored unpermuted, as in HF.
+Architectures (general.architecture): llama (with llama.expert_count: Mixtral), qwen2, qwen3, qwen2moe,
+qwen3moe, gemma2, gemma3; the names are those llama.cpp's convert_hf_to_gguf.py writes. Its
+conventions, undone on import:
+
+- For llama (Mixtral too) the converter stores W_q and W_k with the rows of each head permuted for
+  its interleaved RoPE; shardlm uses the half-split (HF) RoPE, so `_unpermute` undoes that. The
+  Qwen and Gemma architectures run llama.cpp's half-split ("NEOX") RoPE and are stored unpermuted.
+- Gemma's RMSNorm multiplies by (1 + w) and HF stores w; the converter stores 1 + w (every
+  "*norm.weight" tensor, the q/k norms included), so 1 is subtracted again for models/gemma.py.
+- Experts are stacked per layer: blk.N.ffn_{gate,up}_exps [E, F, D] and ffn_down_exps [E, D, F] in
+  numpy order, the router blk.N.ffn_gate_inp [E, D]; older Mixtral files hold one tensor per expert,
+  blk.N.ffn_gate.E.weight. Qwen2-MoE's shared expert: ffn_{gate,up,down}_shexp and its gate
+  ffn_gate_inp_shexp, [1, D] as HF's (today's converter) or [D] (older ones squeezed it).
 """
 
 from __future__ import annotations
@@ -184,6 +194,8 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 # The architectures whose W_q / W_k rows llama.cpp's convert_hf_to_gguf.py permutes (LlamaModel.permute).
 PERMUTED_ARCHITECTURES = ("llama",)
+# The architectures whose norm weights the converter stores as 1 + w (GemmaModel and its successors).
+PLUS_ONE_NORM_ARCHITECTURES = ("gemma2", "gemma3")
 
 
 class GGUFWeights:
@@ -209,6 +221,8 @@ class GGUFWeights:
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {w.shape}, expected {expected}")
         w = np.asarray(w, dtype=np.float32)
         arch = self.metadata.get("general.architecture", "llama")
+        if arch in PLUS_ONE_NORM_ARCHITECTURES and name.endswith("norm.weight"):
+            return w - np.float32(1.0)  # models/gemma.py applies 1 + w, as HF
         if arch not in PERMUTED_ARCHITECTURES:
             return w
         if name.endswith("attn_q.weight"):
@@ -219,8 +233,17 @@ class GGUFWeights:
         return w
 
 
+def _experts(weights: GGUFWeights, blk: str, kind: str, n_experts: int) -> np.ndarray:
+    """The stacked expert tensor blk.N.ffn_{kind}_exps in our [E, in, out] (GGUF's numpy order is
+    [E, out, in]), or the per-expert tensors blk.N.ffn_{kind}.E.weight of older Mixtral files."""
+    stacked = f"{blk}ffn_{kind}_exps.weight"
+    if stacked in weights.tensors or f"{blk}ffn_{kind}.0.weight" not in weights.tensors:
+        return weights.get(stacked).transpose(0, 2, 1)
+    return np.stack([weights.get(f"{blk}ffn_{kind}.{e}.weight").T for e in range(n_experts)])
+
+
 def param_source(weights: GGUFWeights, config) -> Callable[[tuple], np.ndarray]:
-    """Maps a model parameter path (as in models/llama.py) to its array in the model's layout."""
+    """Maps a model parameter path (as in models/llama.py, gemma.py, moe.py) to its array in the model's layout."""
 
     def source(path: tuple) -> np.ndarray:
         name = "/".join(str(p) for p in path)
@@ -237,8 +260,22 @@ def param_source(weights: GGUFWeights, config) -> Callable[[tuple], np.ndarray]:
         D, N, K, H = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
         if rest == "attn_norm/scale":
             return weights.get(blk + "attn_norm.weight")
-        if rest == "mlp_norm/scale":
+        if rest == "mlp_norm/scale":  # Gemma: pre_feedforward_layernorm (llama.cpp's ffn_norm in both)
             return weights.get(blk + "ffn_norm.weight")
+        if rest == "post_attn_norm/scale":  # Gemma's norms on the attention and MLP outputs
+            return weights.get(blk + "post_attention_norm.weight")
+        if rest == "post_mlp_norm/scale":
+            return weights.get(blk + "post_ffw_norm.weight")
+        if config.is_moe_layer(i) and rest.startswith("mlp/"):
+            E = config.n_experts
+            if rest == "mlp/router":  # [E, D] -> [D, E]
+                return weights.get(blk + "ffn_gate_inp.weight").T
+            if rest in ("mlp/gate", "mlp/up", "mlp/down"):  # [E, D, F] (gate, up), [E, F, D] (down)
+                return _experts(weights, blk, rest[4:], E)
+            if rest == "mlp/shared_gate":  # Qwen2-MoE: [1, D] or [D] -> [D, 1]
+                return weights.get(blk + "ffn_gate_inp_shexp.weight").reshape(D, 1)
+            if rest in ("mlp/shared/gate", "mlp/shared/up", "mlp/shared/down"):
+                return weights.get(blk + f"ffn_{rest[11:]}_shexp.weight").T
         if rest == "attn/q":
             return weights.get(blk + "attn_q.weight").T.reshape(D, N, H)
         if rest == "attn/k":

@@ -392,8 +392,8 @@ def test_unsupported_architectures_list_qwen3(small, tmp_path):
     with pytest.raises(CheckpointError, match=r"unsupported architecture 'gpt_neox'.*supported model_type: "
                                               r"llama, mistral, qwen2, qwen3"):
         loader.load(folder)
-    with pytest.raises(ValueError, match="unsupported GGUF architecture 'qwen3moe'; supported: llama, qwen2, qwen3"):
-        ModelConfig.from_gguf_metadata({"general.architecture": "qwen3moe"})
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'deepseek2'; supported: llama, qwen2, qwen3"):
+        ModelConfig.from_gguf_metadata({"general.architecture": "deepseek2"})
 
 
 def test_missing_qk_norm_tensor(small, tmp_path):
