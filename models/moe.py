@@ -17,14 +17,19 @@ no padding FLOPs on a backend with a grouped matmul (TPU's ragged_dot instructio
 lowering). XLA:CPU has none: JAX lowers ragged_dot there to a masked dense product over all E
 groups, so on CPU an expert layer costs E/k times its active FLOPs (correct, not fast).
 
-Weights carry the logical axis "expert" on their E dimension: gate, up [E, D, F] ("expert", "embed",
-"mlp"), down [E, F, D] ("expert", "mlp", "embed"), router [D, E] ("embed", "expert_logits").
-sharding/layouts.py leaves "expert" unsplit in the dense layouts, so each expert is split like the
-dense MLP (tensor parallel inside every expert). Glossary as llama.py's, plus E experts, k experts
-per token, M = B*T*k token-slots.
+Weights carry the logical axis "expert" on their E dimension and "expert_mlp" on each expert's F:
+gate, up [E, D, F] ("expert", "embed", "expert_mlp"), down [E, F, D] ("expert", "expert_mlp",
+"embed"), router [D, E] ("embed", "expert_logits"). The dense layouts of sharding/layouts.py leave
+"expert" unsplit and split "expert_mlp" as "mlp" (tensor parallel inside every expert), and the layer
+runs the dispatch above on every device. The expert-parallel layouts split "expert": then the layer
+calls sharding/experts.py's `expert_parallel` (all-to-all dispatch and combine over the EP axes,
+same routing, dropless unless `capacity_factor` is set). Qwen2-MoE's shared expert stays a dense MLP
+under either. Glossary as llama.py's, plus E experts, k experts per token, M = B*T*k token-slots.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +37,7 @@ from flax import nnx
 
 from shardlm.models import llama, quant
 from shardlm.models.config import ModelConfig
+from shardlm.sharding import experts as expert_parallel
 from shardlm.sharding.rules import shard
 
 
@@ -61,17 +67,34 @@ class SparseMoE(nnx.Module):
         E, D, F = cfg.n_experts, cfg.d_model, cfg.expert_d_ff
         # The router stays float under int8: [D, E] is small and its top-k decides which experts run.
         self.router = llama.make_param(rngs, (D, E), ("embed", "expert_logits"), dtype, D**-0.5)
-        in_axes, out_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+        in_axes, out_axes = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
         self.gate = llama.make_weight(llama.make_param(rngs, (E, D, F), in_axes, dtype, D**-0.5), quantize, (1,))
         self.up = llama.make_weight(llama.make_param(rngs, (E, D, F), in_axes, dtype, D**-0.5), quantize, (1,))
         self.down = llama.make_weight(llama.make_param(rngs, (E, F, D), out_axes, dtype, F**-0.5), quantize, (1,))
         self.k = cfg.experts_per_token
         self.renormalise = cfg.norm_topk_prob
+        # Expert-parallel layouts only: None is dropless (exact); a factor c < dropless keeps
+        # C = ceil(c x slots / ep) slots per destination group and drops the rest (sharding/experts.py).
+        self.capacity_factor: float | None = None
         if cfg.shared_expert_d_ff:  # Qwen2-MoE: Llama's MLP at the shared width, with a scalar gate per token
             self.shared = llama.MLP(cfg.replace(d_ff=cfg.shared_expert_d_ff), dtype, rngs, quantize)
             self.shared_gate = llama.make_param(rngs, (D, 1), ("embed", "shared_gate"), dtype, D**-0.5)
 
     def __call__(self, x):
+        if expert_parallel.expert_axes():
+            y = expert_parallel.expert_parallel(
+                x, llama.weight_in_use(self.router), llama.weight_in_use(self.gate), llama.weight_in_use(self.up),
+                llama.weight_in_use(self.down), functools.partial(route, k=self.k, renormalise=self.renormalise),
+                self.capacity_factor)
+        else:
+            y = self._dispatch(x)
+        if hasattr(self, "shared"):
+            gate = jax.nn.sigmoid(jnp.einsum("btd,do->bto", x, llama.weight_in_use(self.shared_gate)))  # [B, T, 1]
+            y = y + gate * self.shared(x)
+        return shard(y, ("batch", "seq", "act_embed"))
+
+    def _dispatch(self, x):
+        """The routed experts on every device group: x [B,T,D] -> the weighted sum of each token's k [B,T,D]."""
         B, T, D = x.shape
         E, k = self.router.shape[1], self.k
         # Every token's whole D on each device: the sort and gather below move tokens, not D slices.
@@ -92,11 +115,7 @@ class SparseMoE(nnx.Module):
 
         # Combine: back to slot order (the inverse permutation), weighted sum over each token's k slots.
         out = out[jnp.argsort(order)].reshape(B * T, k, D)
-        y = jnp.einsum("tkd,tk->td", out, weights.astype(out.dtype)).reshape(B, T, D)
-        if hasattr(self, "shared"):
-            gate = jax.nn.sigmoid(jnp.einsum("btd,do->bto", x, llama.weight_in_use(self.shared_gate)))  # [B, T, 1]
-            y = y + gate * self.shared(x)
-        return shard(y, ("batch", "seq", "act_embed"))
+        return jnp.einsum("tkd,tk->td", out, weights.astype(out.dtype)).reshape(B, T, D)
 
 
 class MoE(llama.Llama):

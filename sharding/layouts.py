@@ -26,10 +26,15 @@ all-to-all so that each device holds B/n rows of the KV cache instead of a repli
 Pope et al. Fig. 4c/5b). Pope et al. use heads-sharded attention for prefill, batch-sharded for
 decode; `attention="auto"` does the same when batch sharding applies.
 
-Mixture of experts (models/moe.py): expert weights [E, D, F] name E "expert", and the router's
-output "expert_logits"; no layout here lists either, so every device group holds every expert, each
-split in D and F as the dense MLP's (tensor parallelism inside each expert), and the token-slots the
-experts see ("act_expert_embed") carry whole D.
+Mixture of experts (models/moe.py): expert weights [E, D, F] name E "expert" and F "expert_mlp",
+the router's output "expert_logits". The dense layouts leave "expert" unsplit and split "expert_mlp"
+as "mlp", so every device group holds every expert, each split in D and F as the dense MLP's (tensor
+parallelism inside each expert), and the token-slots the experts see ("act_expert_embed") carry
+whole D. The expert-parallel layouts split "expert" (`Layout.expert_axes`; sharding/experts.py
+dispatches the tokens with two all-to-alls per sparse layer) and run everything else as
+1d_weight_stationary: expert_parallel_xyz holds E/8 whole experts per device on 2x2x2,
+expert_parallel_x E/X experts per x group with their F split over y/z (EP x TP). E must divide
+over the EP axes, and a model without experts is refused (`check_model`).
 
 Shapes an axis does not divide (SmolLM2's 9 query and 3 kv heads over 2 or more devices) are
 partially replicated: rules.spec keeps only the leading mesh axes whose product divides the
@@ -58,6 +63,30 @@ class Layout:
     acts: dict  # activation logical name -> mesh axes: tokens, the residual stream, logits
     heads_axes: tuple[str, ...]  # mesh axes the attention core splits heads over (heads mode)
 
+    @property
+    def expert_axes(self) -> tuple[str, ...]:
+        """Mesh axes the experts are split over (expert parallelism); () for the dense layouts."""
+        return self.weights.get("expert", ())
+
+    def check_model(self, mesh: Mesh, config) -> None:
+        """Raise unless `config` (a ModelConfig) can run under this layout on mesh: an expert-parallel
+        layout needs experts (E over the EP size, each expert's F over the TP size, D over both)."""
+        if not self.expert_axes:
+            return
+        if not config.n_experts:
+            raise ValueError(f"layout {self.name} splits a mixture of experts' experts; {config.name} has none "
+                             f"(dense): use 1d_weight_stationary, which it runs everything else as")
+        live = lambda name: tuple(a for a in self.weights.get(name, ()) if mesh.shape.get(a, 1) > 1)  # noqa: E731
+        axes, tp_axes = live("expert"), live("expert_mlp")
+        ep, tp = math.prod(mesh.shape[a] for a in axes), math.prod(mesh.shape[a] for a in tp_axes)
+        if config.n_experts % ep:
+            raise ValueError(f"layout {self.name}: E={config.n_experts} experts do not divide over the EP size {ep} "
+                             f"(mesh axes {'/'.join(axes)} of mesh {dict(mesh.shape)})")
+        if config.expert_d_ff % tp or config.d_model % (ep * tp):
+            raise ValueError(f"layout {self.name}: each expert's F={config.expert_d_ff} must divide over the TP size "
+                             f"{tp} and d_model={config.d_model} over the {ep * tp} EP x TP devices of mesh "
+                             f"{dict(mesh.shape)}")
+
     def effective(self, mesh: Mesh, phase: str, batch: int, seq: int = 32) -> "Layout":
         """The layout that actually runs: a weight-gathered layout needs its tokens (the batch, or
         in prefill the sequence positions) split over its gathered axes; where they cannot be, the
@@ -85,6 +114,7 @@ class Layout:
         size = lambda axes: math.prod(mesh.shape.get(a, 1) for a in axes)  # noqa: E731
         live = tuple(a for a in XYZ if mesh.shape.get(a, 1) > 1)
         m = dict(self.weights)
+        m.setdefault("expert_mlp", m.get("mlp", ()))  # an expert's F as the dense MLP's unless the layout says
         m.update(self.acts)
         token_axes = m.pop("tokens", ())
         if token_axes and batch % size(token_axes) == 0:
@@ -123,6 +153,22 @@ def _weight_gathered(axes: tuple[str, ...]) -> Layout:
     )
 
 
+def _expert_parallel(ep: tuple[str, ...], tp: tuple[str, ...]) -> Layout:
+    """Experts split over `ep`, each expert's F over `tp`; everything else as 1d_weight_stationary
+    (whose residual D over xyz is where the dispatch's D chunks come from: EP then TP axes)."""
+    inside = f"each expert's F over {'/'.join(tp)} (EP x TP)" if tp else "whole experts (no split inside one)"
+    return Layout(
+        name="expert_parallel_" + "".join(ep),
+        description=(f"mixture of experts: experts over {'/'.join(ep)}, {inside}; tokens dispatched and combined "
+                     f"by two all-to-alls over {'/'.join(ep)} per sparse layer; attention, dense MLPs, embeddings "
+                     "and vocab as 1d_weight_stationary; E must divide over the EP axes; refuses a dense model"),
+        weights=dict(mlp=XYZ, q_heads=XYZ, kv_heads=XYZ, vocab=XYZ, expert=ep, expert_mlp=tp),
+        gathered=(),
+        acts=dict(act_embed=XYZ, act_vocab=XYZ),
+        heads_axes=XYZ,
+    )
+
+
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in [
@@ -148,6 +194,8 @@ LAYOUTS: dict[str, Layout] = {
         _weight_gathered(("x",)),
         _weight_gathered(("x", "y")),
         _weight_gathered(("x", "y", "z")),
+        _expert_parallel(XYZ, ()),
+        _expert_parallel(("x",), ("y", "z")),
     ]
 }
 

@@ -51,6 +51,8 @@ class Placement:
             layout = None
         prefill = get_layout(prefill_layout or layout or default).effective(mesh, "prefill", 1)
         decode = get_layout(decode_layout or layout or default).effective(mesh, "decode", batch_size)
+        for chosen in (prefill, decode):
+            chosen.check_model(mesh, config)
         prefill_rules = strategy.rules(prefill.rules(mesh, "prefill", 1, config.n_kv_heads, attention))
         decode_rules = strategy.rules(decode.rules(mesh, "decode", batch_size, config.n_kv_heads, attention))
         return cls(mesh, prefill.name, decode.name, prefill_rules, decode_rules, strategy)
