@@ -210,8 +210,10 @@ class ModelConfig:
     @classmethod
     def from_gguf_metadata(cls, meta: dict, tensor_names=()) -> "ModelConfig":
         """From GGUF key/values (see checkpoints.gguf.read_metadata); `tensor_names` tells tying. Read as
-        llama.cpp reads them; a key that changes the math and that shardlm does not implement (YaRN,
-        a sliding window, partial rotary, ...) is a ValueError naming the key and its value."""
+        llama.cpp reads them, including the values its loader hard-codes per architecture (Gemma's
+        window pattern and attention scale, Qwen-MoE's routing normalisation); a key that changes the
+        math and that shardlm does not implement (YaRN, partial rotary, sigmoid routing, ...) is a
+        ValueError naming the key and its value."""
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
@@ -224,15 +226,22 @@ class ModelConfig:
 
         n_heads = int(get("attention.head_count"))
         d_model = int(get("embedding_length"))
+        n_layers = int(get("block_count"))
         vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
         head_dim = int(meta.get(f"{arch}.attention.key_length", d_model // n_heads))
         max_pos = int(get("context_length", 8192))
-        _check_gguf_math(meta, arch, head_dim, max_pos, set(tensor_names))
+        extra = {}
+        if arch in _GGUF_GEMMA:
+            extra = _gguf_gemma_fields(meta, arch, n_layers, d_model, n_heads, head_dim)
+        elif arch in _GGUF_MOE or (arch == "llama" and meta.get("llama.expert_count")):  # Mixtral: llama + experts
+            extra = _gguf_moe_fields(meta, arch, int(get("feed_forward_length")))
+        scale = (extra.get("query_pre_attn_scalar") or head_dim) ** -0.5
+        _check_gguf_math(meta, arch, head_dim, max_pos, set(tensor_names), scale)
         return cls(
             name=meta.get("general.name", arch),
             vocab_size=int(vocab),
             d_model=d_model,
-            n_layers=int(get("block_count")),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=int(get("attention.head_count_kv", n_heads)),
             head_dim=head_dim,
@@ -242,14 +251,18 @@ class ModelConfig:
             rope_scaling=_gguf_rope_scaling(meta, arch),
             norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings="output.weight" not in set(tensor_names),
-            qkv_bias=arch == "qwen2",
-            qk_norm=arch == "qwen3",
+            qkv_bias=arch in ("qwen2", "qwen2moe"),
+            qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
+            **extra,
         )
 
 
-# llama.cpp's architectures that are this model: llama (also Mistral, SmolLM2), qwen2 (q/k/v biases),
-# qwen3 (q/k norms; blk.N.attn_q_norm.weight, blk.N.attn_k_norm.weight).
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# llama.cpp's architectures that shardlm reads: llama (also Mistral, SmolLM2; with llama.expert_count, Mixtral),
+# qwen2 (q/k/v biases), qwen3 (q/k norms; blk.N.attn_q_norm.weight, blk.N.attn_k_norm.weight), the mixtures of
+# experts qwen2moe and qwen3moe, and Gemma 2 / Gemma 3's text model.
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma2", "gemma3")
+_GGUF_MOE = ("qwen2moe", "qwen3moe")
+_GGUF_GEMMA = ("gemma2", "gemma3")
 
 # ----- Hugging Face config.json, as transformers 5 reads it -----
 
@@ -504,25 +517,114 @@ _GGUF_NEUTRAL = {"expert_count": 0, "logit_scale": 1.0, "embedding_scale": 1.0, 
                  "attention.max_alibi_bias": 0.0, "attention.clamp_kqv": 0.0}
 
 
-def _check_gguf_math(meta: dict, arch: str, head_dim: int, max_pos: int, tensor_names: set) -> None:
-    for key, neutral in _GGUF_NEUTRAL.items():
-        value = meta.get(f"{arch}.{key}", neutral)
-        if value != neutral:
-            _refuse(f"{arch}.{key}", value, "shardlm does not implement it")
-    scale = meta.get(f"{arch}.attention.scale", 0.0)  # 0: llama.cpp's 1/sqrt(head_dim)
-    if scale and not math.isclose(scale, head_dim**-0.5, rel_tol=1e-6):
-        _refuse(f"{arch}.attention.scale", scale, f"shardlm scales attention by 1/sqrt(head_dim={head_dim})")
+def _check_gguf_math(meta: dict, arch: str, head_dim: int, max_pos: int, tensor_names: set,
+                     scale: float) -> None:
+    """Refuse the keys that change the math and that shardlm does not implement; `scale` is the
+    attention scale llama.cpp uses for this file (1/sqrt(head_dim) but for the Gemma 27Bs)."""
+    neutral = dict(_GGUF_NEUTRAL)
+    if arch in _GGUF_MOE or arch == "llama":  # their experts are read by _gguf_moe_fields
+        del neutral["expert_count"]
+    if arch in _GGUF_GEMMA:  # Gemma 2's soft caps are read; llama.cpp's Gemma 3 reads the final cap only
+        del neutral["attn_logit_softcapping"], neutral["final_logit_softcapping"]
+    for key, value in neutral.items():
+        value_in_file = meta.get(f"{arch}.{key}", value)
+        if value_in_file != value:
+            _refuse(f"{arch}.{key}", value_in_file, "shardlm does not implement it")
+    given = meta.get(f"{arch}.attention.scale", 0.0)  # 0: llama.cpp's own scale
+    if given and not math.isclose(given, scale, rel_tol=1e-6):
+        _refuse(f"{arch}.attention.scale", given, f"shardlm scales attention by {scale:.6g} for this model "
+                                                  f"(1/sqrt(head_dim={head_dim}) but for the Gemma 27Bs)")
     for key in ("attention.value_length", "rope.dimension_count"):  # llama.cpp's defaults: head_dim
         value = meta.get(f"{arch}.{key}", head_dim)
         if value != head_dim:
             _refuse(f"{arch}.{key}", value, f"shardlm needs it equal to head_dim={head_dim} (the key length)")
     window = meta.get(f"{arch}.attention.sliding_window")
-    if window and window < max_pos:  # a window of at least the context masks nothing (see _hf_layer_types)
+    if arch not in _GGUF_GEMMA and window and window < max_pos:  # a window of at least the context masks nothing
         _refuse(f"{arch}.attention.sliding_window", window,
-                f"shardlm has no sliding window (accepted: >= context_length={max_pos})")
+                f"shardlm has no sliding window for {arch} (accepted: >= context_length={max_pos})")
     if "rope_freqs.weight" in tensor_names:
         raise ValueError("tensor rope_freqs.weight (per-frequency RoPE factors, e.g. Llama 3.1's rope scaling) "
                          "is not supported")
+
+
+# llama.cpp's ExpertGatingFuncType: 0 (absent) is the architecture's own, softmax for these; 1 softmax, 2 sigmoid.
+_GGUF_SOFTMAX_GATING = (0, 1)
+
+
+def _gguf_moe_fields(meta: dict, arch: str, d_ff: int) -> dict:
+    """A mixture of experts as llama.cpp runs it: Mixtral (llama with experts; blk.N.ffn_*_exps),
+    Qwen2-MoE (a sigmoid-gated shared expert) and Qwen3-MoE. Softmax over all experts, the top k;
+    llama.cpp renormalises the k weights for llama and qwen3moe and never for qwen2moe (its graphs
+    hard-code it; no key says so), and every layer has experts. An expert's width is
+    expert_feed_forward_length, else feed_forward_length for llama and feed_forward_length / k for
+    the Qwen ones (llama.cpp's fallbacks)."""
+    def key(k):
+        return f"{arch}.{k}"
+
+    n_experts = int(meta.get(key("expert_count"), 0) or 0)
+    top_k = int(meta.get(key("expert_used_count"), 0) or 0)
+    if n_experts < 1:
+        _refuse(key("expert_count"), n_experts, f"llama.cpp's {arch} mixture of experts needs at least one expert")
+    if not 1 <= top_k <= n_experts:
+        _refuse(key("expert_used_count"), top_k, f"it must be in 1..{key('expert_count')}={n_experts}")
+    gating = meta.get(key("expert_gating_func"), 0)
+    if gating not in _GGUF_SOFTMAX_GATING:
+        _refuse(key("expert_gating_func"), gating, "shardlm routes by a softmax over the experts (1)")
+    weights_scale = meta.get(key("expert_weights_scale"), 0.0)
+    if weights_scale not in (0.0, 1.0):  # 0: llama.cpp does not scale
+        _refuse(key("expert_weights_scale"), weights_scale, "shardlm does not scale the routing weights")
+    if meta.get(key("expert_shared_count"), 0) and arch != "qwen2moe":
+        _refuse(key("expert_shared_count"), meta[key("expert_shared_count")],
+                f"shardlm's {arch} has no shared experts")
+    expert_d_ff = meta.get(key("expert_feed_forward_length")) or (d_ff if arch == "llama" else d_ff // top_k)
+    fields = dict(family="moe", n_experts=n_experts, experts_per_token=top_k, expert_d_ff=int(expert_d_ff),
+                  norm_topk_prob=arch != "qwen2moe")
+    if arch == "qwen2moe":  # the shared expert's width; llama.cpp's fallback: feed_forward_length
+        fields["shared_expert_d_ff"] = int(meta.get(key("expert_shared_feed_forward_length")) or d_ff)
+    return fields
+
+
+# llama.cpp's Gemma loaders: the layer count of the 27B models, whose attention scale is d_model / n_heads
+# (query_pre_attn_scalar 144 or 168) rather than head_dim; the sliding-window pattern and window defaults.
+_GGUF_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_GGUF_GEMMA_WINDOW_EVERY = {"gemma2": 2, "gemma3": 6}
+
+
+def _gguf_gemma_fields(meta: dict, arch: str, n_layers: int, d_model: int, n_heads: int, head_dim: int) -> dict:
+    """Gemma 2 / Gemma 3's text model as llama.cpp's loader reads it. GeGLU (tanh GELU). Layer i slides
+    unless i % p == p - 1, p = attention.sliding_window_pattern (a number, or one bool per layer), else 2
+    (Gemma 2) or 6 (Gemma 3); Gemma 2's window defaults to 4096, Gemma 3 slides only where the file has
+    a window. Gemma 2's soft caps default to 50 (attention) and 30 (logits); Gemma 3 caps the logits
+    only if final_logit_softcapping says so. Gemma 3's sliding layers rotate with rope.freq_base_swa
+    (default 10000), unscaled. No key holds query_pre_attn_scalar: llama.cpp uses head_dim, or
+    d_model / n_heads for the 27B models (known by their layer count), and so does this."""
+    def key(k):
+        return f"{arch}.{k}"
+
+    window = meta.get(key("attention.sliding_window"), 4096 if arch == "gemma2" else 0)
+    if window is None or isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"{key('attention.sliding_window')} must be a non-negative integer, got {window!r}")
+    pattern = meta.get(key("attention.sliding_window_pattern"), _GGUF_GEMMA_WINDOW_EVERY[arch])
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers:
+            raise ValueError(f"{key('attention.sliding_window_pattern')} lists {len(pattern)} layers, "
+                             f"the model has {n_layers}")
+        sliding = [bool(p) for p in pattern]
+    else:  # llama.cpp's set_swa_pattern: period 0 slides everywhere
+        p = int(pattern)
+        sliding = [p == 0 or i % p < p - 1 for i in range(n_layers)]
+    if not window:
+        sliding = [False] * n_layers
+    scalar = d_model // n_heads if n_layers == _GGUF_GEMMA_27B_LAYERS[arch] else head_dim
+    fields = dict(family=arch, activation="gelu_tanh", sliding_window=int(window),
+                  layer_types=tuple("sliding_attention" if s else "full_attention" for s in sliding),
+                  query_pre_attn_scalar=float(scalar),
+                  final_softcap=float(meta.get(key("final_logit_softcapping"), 30.0 if arch == "gemma2" else 0.0)))
+    if arch == "gemma2":
+        fields["attn_softcap"] = float(meta.get(key("attn_logit_softcapping"), 50.0))
+    elif any(sliding):
+        fields["rope_local_theta"] = float(meta.get(key("rope.freq_base_swa"), 10000.0))
+    return fields
 
 
 def _gguf_rope_scaling(meta: dict, arch: str) -> RopeScaling:
@@ -559,6 +661,29 @@ PRESETS: dict[str, ModelConfig] = {
                     head_dim=256, d_ff=32768, max_seq_len=2048, tie_embeddings=True, parallel_block=True),
         ModelConfig("palm-8b", vocab_size=256000, d_model=4096, n_layers=32, n_heads=16, n_kv_heads=1,
                     head_dim=256, d_ff=16384, max_seq_len=2048, tie_embeddings=True, parallel_block=True),
+        # Mixtures of experts (family "moe", models/moe.py), from each model's Hugging Face
+        # config.json: mistralai/Mixtral-8x7B-v0.1 (46.7B parameters, 12.9B active per token, as
+        # Mistral AI's announcement states), Qwen/Qwen3-30B-A3B (30.5B, 3.3B active, its model card).
+        ModelConfig("mixtral-8x7b", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                    head_dim=128, d_ff=14336, max_seq_len=32768, rope_theta=1e6, family="moe", n_experts=8,
+                    experts_per_token=2, expert_d_ff=14336),
+        ModelConfig("qwen3-30b-a3b", vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
+                    head_dim=128, d_ff=6144, max_seq_len=40960, rope_theta=1e6, norm_eps=1e-6, qk_norm=True,
+                    family="moe", n_experts=128, experts_per_token=8, expert_d_ff=768, norm_topk_prob=True),
+        # For planning: DeepSeek-V3's shape (deepseek-ai/DeepSeek-V3 config.json; arXiv 2412.19437:
+        # 671B parameters, 37B activated) with standard grouped-query attention in place of its
+        # multi-head latent attention (MLA), which shardlm does not implement: 128 heads of head_dim
+        # 128 (MLA's v_head_dim and qk_nope_head_dim) over 8 kv heads (Llama 3 70B/405B's ratio, and
+        # a count the planner's 8-way head splits divide). GQA's q/k/v/o projections hold 250M
+        # parameters a layer to MLA's 187M, so this has ~675B parameters and ~41B active (DeepSeek's
+        # 671B / 37B plus 61 x 62M), and caches 2 x 8 x 128 values a token to MLA's 576. Routed
+        # experts 256, top 8 of width 2048, one shared expert of 2048 (the "shared" MLP, counted with
+        # Qwen2-MoE's scalar gate: D parameters a layer that DeepSeek has not), the first 3 layers
+        # dense (first_k_dense_replace) with d_ff 18432; the multi-token-prediction module and
+        # YaRN RoPE scaling are left out (no effect on the planner's step costs).
+        ModelConfig("deepseek-v3-like", vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, n_kv_heads=8,
+                    head_dim=128, d_ff=18432, max_seq_len=163840, norm_eps=1e-6, family="moe", n_experts=256,
+                    experts_per_token=8, expert_d_ff=2048, shared_expert_d_ff=2048, dense_layers=(0, 1, 2)),
     ]
 }
 
