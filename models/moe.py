@@ -14,8 +14,9 @@ own weights with `jax.lax.ragged_dot` (group sizes = tokens per expert), then th
 and summed per token. Chosen over capacity buckets ([E, C, D] with C a guessed per-expert capacity)
 because it is exact (no token is dropped when an expert is popular, so the logits are HF's) and has
 no padding FLOPs on a backend with a grouped matmul (TPU's ragged_dot instruction / megablox, GPU's
-lowering). XLA:CPU has none: JAX lowers ragged_dot there to a masked dense product over all E
-groups, so on CPU an expert layer costs E/k times its active FLOPs (correct, not fast).
+lowering). XLA:CPU has none (JAX lowers ragged_dot there to a slow product masked over all E
+groups): on CPU `_expert_matmul` gathers each slot's expert at decode sizes and otherwise scans over
+the experts, E/k times the active FLOPs (exact either way).
 
 Weights carry the logical axis "expert" on their E dimension and "expert_mlp" on each expert's F:
 gate, up [E, D, F] ("expert", "embed", "expert_mlp"), down [E, F, D] ("expert", "expert_mlp",
@@ -51,13 +52,31 @@ def route(logits, k: int, renormalise: bool):
     return weights, experts
 
 
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
 def _expert_matmul(x, w, group_sizes, expert_of_row):
     """x [M, in] (rows sorted by expert) times each row's expert's weight [E, in, out] -> [M, out].
-    An int8 weight (QArray) runs on its values and multiplies each row by its expert's scales [E, out]."""
-    if isinstance(w, quant.QArray):
-        y = jax.lax.ragged_dot(x, w.values.astype(x.dtype), group_sizes)
-        return y * w.scale[expert_of_row].astype(y.dtype)
-    return jax.lax.ragged_dot(x, w, group_sizes)
+    An int8 weight (QArray) runs on its values and multiplies each row by its expert's scales [E, out].
+
+    ragged_dot is a grouped matmul on TPU and GPU. XLA:CPU lowers it to a product masked over all E
+    experts that runs at a fraction of its matmul speed, so on CPU: with fewer token-slots than half
+    the experts (decode at a small batch) each slot's expert is gathered, reading M experts, not E;
+    otherwise a scan over the experts multiplies every row by each and keeps its own expert's row
+    (the same FLOPs as the masked lowering, at matmul speed). Both are exact."""
+    values = w.values if isinstance(w, quant.QArray) else w
+    E = values.shape[0]
+    if not _on_cpu():
+        y = jax.lax.ragged_dot(x, values.astype(x.dtype), group_sizes)
+    elif 2 * x.shape[0] <= E:
+        y = jnp.einsum("mi,mio->mo", x, values[expert_of_row].astype(x.dtype))  # [M, in, out] gathered
+    else:
+        def one_expert(y, expert):  # [M, out]
+            e, w_e = expert
+            return jnp.where((expert_of_row == e)[:, None], x @ w_e.astype(x.dtype), y), None
+        y, _ = jax.lax.scan(one_expert, jnp.zeros((x.shape[0], values.shape[2]), x.dtype), (jnp.arange(E), values))
+    return y * w.scale[expert_of_row].astype(y.dtype) if isinstance(w, quant.QArray) else y
 
 
 class SparseMoE(nnx.Module):

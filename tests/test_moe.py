@@ -24,7 +24,7 @@ from shardlm.checkpoints.gguf import CheckpointError
 from shardlm.engine import Engine, SamplingParams
 from shardlm.engine.cli import main
 from shardlm.engine.llm import LLM
-from shardlm.models import quant
+from shardlm.models import moe, quant
 from shardlm.models.config import ModelConfig
 from shardlm.models.moe import MoE, SparseMoE, route
 
@@ -215,17 +215,21 @@ def test_layouts_equal_one_device(reference, layout):
     assert [c.token_ids for c in out] == greedy
 
 
-def test_dispatch_is_ragged_not_dense():
-    """The traced MoE block runs its three expert matmuls as ragged_dot over the sorted token-slots
-    [T*k, ...]; no intermediate has both an experts and an expert-F dimension (a dense [T, E, F] product)."""
+@pytest.mark.parametrize("grouped", [True, False], ids=["ragged_dot", "cpu_scan"])
+def test_dispatch_is_ragged_not_dense(grouped, monkeypatch):
+    """The traced MoE block runs its three expert matmuls over the sorted token-slots [T*k, ...]: as
+    ragged_dot where the backend has a grouped matmul, as a scan over the experts on CPU; no
+    intermediate has both an experts and an expert-F dimension (a dense [T, E, F] product), and
+    the result equals a per-token reference of the same weights."""
+    monkeypatch.setattr(moe, "_on_cpu", lambda: not grouped)
     cfg = ModelConfig("tiny-moe", vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
                       d_ff=24, family="moe", n_experts=6, experts_per_token=2, expert_d_ff=40)
     block = SparseMoE(cfg, jnp.float32, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 16))
     jaxpr = jax.make_jaxpr(lambda x: block(x))(x)
     eqns = [e for e in jaxpr.jaxpr.eqns]
-    ragged = [e for e in eqns if e.primitive.name == "ragged_dot_general"]
-    assert [e.outvars[0].aval.shape for e in ragged] == [(20, 40), (20, 40), (20, 16)]
+    products = [e for e in eqns if e.primitive.name == ("ragged_dot_general" if grouped else "scan")]
+    assert [e.outvars[0].aval.shape for e in products] == [(20, 40), (20, 40), (20, 16)]
     for e in eqns:
         for v in e.outvars:
             assert not (6 in v.aval.shape and 40 in v.aval.shape), (e.primitive, v.aval.shape)
@@ -239,6 +243,33 @@ def test_dispatch_is_ragged_not_dense():
     np.testing.assert_allclose(np.asarray(block(x)).reshape(10, 16), ref, atol=1e-5, rtol=1e-5)
     assert np.allclose(weights.sum(-1), 1.0) and not np.allclose(np.asarray(route(tokens @ w["router"], 2, False)[0])
                                                                  .sum(-1), 1.0)
+
+
+def _dequantized(w) -> np.ndarray:
+    """An expert weight [E, in, out] (or the router) as float: an int8 QArray's values times its scales [E, out]."""
+    if isinstance(w, quant.QArray):
+        return np.asarray(w.values, np.float32) * np.asarray(w.scale, np.float32)[:, None, :]
+    return np.asarray(w)
+
+
+def test_decode_sized_dispatch_gathers_each_slots_expert():
+    """On CPU, with fewer token-slots than half the experts (decode at batch 1), each slot's expert
+    weights are gathered instead of a ragged_dot (which XLA:CPU runs masked over all experts); the
+    result equals the per-token reference, float and int8."""
+    cfg = ModelConfig("tiny-moe", vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                      d_ff=24, family="moe", n_experts=6, experts_per_token=2, expert_d_ff=40, norm_topk_prob=True)
+    x = jax.random.normal(jax.random.key(2), (1, 1, 16))
+    for quantize in (None, "int8"):
+        block = SparseMoE(cfg, jnp.float32, nnx.Rngs(0), quantize)
+        jaxpr = jax.make_jaxpr(lambda x: block(x))(x)
+        assert not any(e.primitive.name == "ragged_dot_general" for e in jaxpr.jaxpr.eqns)
+        w = {n: _dequantized(getattr(block, n)[...]) for n in ("router", "gate", "up", "down")}
+        token = np.asarray(x).reshape(16)
+        weights, experts = (np.asarray(a)[0] for a in route(token[None] @ w["router"], 2, True))
+        silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+        ref = sum(weights[j] * (silu(token @ w["gate"][e]) * (token @ w["up"][e])) @ w["down"][e]
+                  for j, e in enumerate(experts))
+        np.testing.assert_allclose(np.asarray(block(x)).reshape(16), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_int8_quantizes_the_experts(case):
