@@ -45,7 +45,8 @@ def llm():
 HEAVY_FIRST = ("test_jobs.py", "test_layouts.py", "test_paged_engine.py", "test_server.py", "test_quantization.py",
                "test_notebooks.py", "test_pipeline.py", "test_prefix_jobs.py", "test_checkpoints.py",
                "test_cli_people.py", "test_cli.py", "test_prefix_cache.py", "test_qwen3.py", "test_moe.py",
-               "test_gemma.py", "test_batch_jobs.py",
+               "test_expert_parallel.py", "test_gemma.py", "test_gguf_families.py", "test_planner_moe.py",
+               "test_batch_jobs.py",
                "test_reference_hf.py", "test_engine.py")
 
 
