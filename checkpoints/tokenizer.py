@@ -1,10 +1,20 @@
 """Tokenizers from GGUF metadata or a HF `tokenizer.json`, built on HF `tokenizers`, plus chat templates.
 
-A GGUF carries no `tokenizer.json`, only the vocabulary, the merges and a pre-tokenizer *name*
-(`tokenizer.ggml.pre`). The splitting regexes for each name are the ones llama.cpp applies
-(src/llama-vocab.cpp, `llm_tokenizer_bpe`), since llama.cpp is what the GGUF was made for. Each
-regex in a list further splits the pieces of the one before, keeping matches and the text between
-them, which is exactly `tokenizers`' `Split(behavior="isolated")`.
+A GGUF carries no `tokenizer.json`, only the vocabulary and what llama.cpp needs to run it, so the
+tokenizer is rebuilt to do what llama.cpp does with it (src/llama-vocab.cpp), since llama.cpp is
+what the GGUF was made for. Two kinds (`tokenizer.ggml.model`):
+
+- `gpt2`, byte-level BPE (Llama 3, Qwen, SmolLM2): the vocabulary, the merges and a pre-tokenizer
+  *name* (`tokenizer.ggml.pre`). The splitting regexes for each name are the ones llama.cpp
+  applies (`llm_tokenizer_bpe`). Each regex in a list further splits the pieces of the one before,
+  keeping matches and the text between them, which is exactly `tokenizers`' `Split(behavior="isolated")`.
+- `llama`, SentencePiece (Llama 2, Mistral, Mixtral, Gemma): tokens with scores and no merges.
+  llama.cpp's `llm_tokenizer_spm` starts from the characters of the text (spaces written as U+2581,
+  one prepended when `tokenizer.ggml.add_space_prefix`, by default) and repeatedly joins the
+  adjacent pair whose join is the highest-scoring token; what is left out of the vocabulary falls
+  back to its bytes, the <0xXX> tokens. That is a BPE whose merges are every split of every token
+  into two tokens, ranked by the joined token's score: transformers' GGUF reader builds it the same
+  way (`generate_merges`, with its tie order).
 """
 
 from __future__ import annotations
@@ -15,12 +25,13 @@ from datetime import datetime
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from shardlm.checkpoints.gguf import CheckpointError
 
-# GGUF token types (llama.cpp `llama_token_type`).
-_CONTROL, _USER_DEFINED = 3, 4
+# GGUF token types (llama.cpp `llama_token_type`): 1 normal, 5 unused and 6 byte are plain vocabulary.
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
+_SPACE = "\u2581"  # SentencePiece's visible space
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 # llama.cpp spells out the case-insensitive contractions because std::regex lacks `(?i:...)`; the
@@ -93,7 +104,9 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in it (like `<|im_start|>`) become single ids."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
+        # A chat template that writes the BOS token itself (Gemma's, Llama 3's) gets no second one.
+        wants_bos = self.add_bos if add_bos is None else add_bos
+        if wants_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
         return ids
 
@@ -147,10 +160,12 @@ def _compile_chat_template(source: str):
 def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
     """The tokenizer described by the metadata of a GGUF file (`gguf.read_metadata`)."""
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_from_gguf(meta)
     if kind != "gpt2":
         raise CheckpointError(
-            f"unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model); shardlm supports only "
-            "'gpt2' (byte-level BPE). SentencePiece ('llama') vocabularies are not supported yet"
+            f"unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model); supported: 'gpt2' (byte-level "
+            "BPE) and 'llama' (SentencePiece)"
         )
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _PRE:
@@ -185,6 +200,61 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos)),
         chat_template=meta.get("tokenizer.chat_template"),
         vocab_size=len(tokens),
+        eot_token_id=meta.get("tokenizer.ggml.eot_token_id"),
+    )
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens, best first: by the joined token's score, then longer
+    left and right parts, then the tokens' order (transformers' `generate_merges`; ties are rare)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    best: dict[str, float] = {}
+    for t, score in zip(tokens, scores):
+        best[t] = score  # a repeated token keeps its first place and its last score, as a dict does
+    merges = [(t[:k], t[k:], score) for t, score in best.items() for k in range(1, len(t))
+              if t[:k] in vocab and t[k:] in vocab]
+    merges.sort(key=lambda m: (-m[2], -len(m[0]), -len(m[1])))
+    return [(left, right) for left, right, _ in merges]
+
+
+def _sentencepiece_from_gguf(meta: dict[str, Any]) -> Tokenizer:
+    """`tokenizer.ggml.model = "llama"`: llama.cpp's SPM tokenizer as a byte-fallback BPE (module docstring).
+
+    Control and unknown tokens (`<s>`, `<start_of_turn>`, `<unk>`) are matched whole wherever they are
+    written and are special; user-defined ones too, but not special (Gemma's runs of spaces, stored as
+    spaces). Each stretch of text between them gets the prefix space, as llama.cpp gives the text after
+    a special token one; decoding takes one leading space off again. `add_eos_token` is not applied:
+    a prompt for generation does not end in EOS."""
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    n = len(tokens)
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * n
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * n
+    if len(scores) != n or len(types) != n:
+        raise CheckpointError(
+            f"GGUF tokenizer: {n} tokens but {len(scores)} scores and {len(types)} token types"
+        )
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))  # llama.cpp's default for SPM
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = tokenizers.Tokenizer(models.BPE(
+        vocab, _merges_from_scores(tokens, scores), byte_fallback=True, fuse_unk=True,
+        unk_token=tokens[unk] if unk is not None and 0 <= unk < n else None,
+    ))
+    replace = normalizers.Replace(" ", _SPACE)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), replace]) if prefix else replace
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty in (_CONTROL, _UNKNOWN)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    return Tokenizer(
+        tok,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),  # llama.cpp's default for SPM
+        chat_template=meta.get("tokenizer.chat_template"),
+        vocab_size=n,
         eot_token_id=meta.get("tokenizer.ggml.eot_token_id"),
     )
 

@@ -143,8 +143,11 @@ def test_no_chat_template(meta):
 
 
 def test_unsupported_tokenizer_model(meta):
-    with pytest.raises(CheckpointError, match=r"unsupported GGUF tokenizer model 'llama'.*tokenizer\.ggml\.model"):
-        tokenizer_from_gguf_metadata(dict(meta, **{"tokenizer.ggml.model": "llama"}))
+    """An unknown tokenizer.ggml.model names the supported ones (SentencePiece's 'llama' is read:
+    tests/test_gguf_spm_tokenizer.py)."""
+    with pytest.raises(CheckpointError, match=r"unsupported GGUF tokenizer model 't5'.*tokenizer\.ggml\.model.*"
+                                              r"'gpt2'.*'llama'"):
+        tokenizer_from_gguf_metadata(dict(meta, **{"tokenizer.ggml.model": "t5"}))
 
 
 def test_unknown_pre_tokenizer(meta):
