@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_reference import shardlm_logits
 from jax.sharding import PartitionSpec as P
-from test_moe import NEW, PROMPTS, _logits, case, reference  # noqa: F401  (module-scoped HF fixtures)
+from test_moe import NEW, PROMPTS, case, reference  # noqa: F401  (module-scoped HF fixtures)
 
 from shardlm.checkpoints import loader
 from shardlm.engine import Engine, SamplingParams
@@ -121,7 +122,7 @@ def test_ep_layouts_equal_transformers(reference, case, layout, mesh):  # noqa: 
     assert (_spec(mlp["gate"][...]), _spec(mlp["up"][...]), _spec(mlp["down"][...])) == (gate, gate, down)
     assert _spec(mlp["router"][...]) == P(None, None)
     logits = np.asarray(llm.engine.forward(llm.params, [PROMPTS[2]])[0])
-    one = _logits(loader.load(folder).model, PROMPTS[2])
+    one = shardlm_logits(loader.load(folder).model, PROMPTS[2])
     print(f"{case[0]} {layout} {mesh}: max |logit - HF| {np.abs(logits - ref[2]).max():.2e}, "
           f"- one device {np.abs(logits - one).max():.2e}")
     assert np.abs(logits - ref[2]).max() < 1e-4 and np.abs(logits - one).max() < 1e-4
@@ -170,7 +171,7 @@ def test_int8_experts_under_ep(case):  # noqa: F811
     folder = case[2]
     model = loader.load(folder, quantize="int8").model
     prompt = PROMPTS[1]
-    one = _logits(model, prompt)
+    one = shardlm_logits(model, prompt)
     for layout in ("expert_parallel_xyz", "expert_parallel_x"):
         engine = _engine(model, layout, batch=1)
         mlp = engine.params["layers"][0]["mlp"]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_reference import hf_greedy, hf_logits, shardlm_logits
 from test_checkpoints import DROP, _edit_config
 from test_engine import stepwise_logits
 from test_paged_attention import _layout, _max_err, _pool, _slots
@@ -68,31 +69,14 @@ def _hf_gemma(family: str, seed: int = 0):
     return model.eval()
 
 
-def _hf_greedy(model, prompt, n=NEW):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
-
-
-def _hf_logits(model, prompt):
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0].numpy()
-
-
-def _logits(model, prompt):
-    engine = Engine(model, batch_size=1, max_seq_len=model.cfg.max_seq_len)
-    return np.asarray(engine.forward(engine.params, [prompt])[0])
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def case(request, tmp_path_factory):
     """(family, HF model, saved folder, HF logits per prompt, HF greedy tokens per prompt)."""
     model = _hf_gemma(request.param)
     folder = tmp_path_factory.mktemp(request.param) / "hf"
     model.save_pretrained(folder, max_shard_size="100KB")
-    logits = [_hf_logits(model, p) for p in PROMPTS]
-    greedy = [_hf_greedy(model, p) for p in PROMPTS]
+    logits = [hf_logits(model, p) for p in PROMPTS]
+    greedy = [hf_greedy(model, p, NEW) for p in PROMPTS]
     assert len({tuple(g) for g in greedy}) == len(PROMPTS)  # the prompts lead to different continuations
     return request.param, model, str(folder), logits, greedy
 
@@ -120,7 +104,7 @@ def test_logits_equal_transformers(case):
     the window, the soft caps or the sliding layers' RoPE base taken away they are far off."""
     family, _, folder, ref, _ = case
     model = loader.load(folder).model
-    diffs = [np.abs(_logits(model, p) - r).max() for p, r in zip(PROMPTS, ref)]
+    diffs = [np.abs(shardlm_logits(model, p) - r).max() for p, r in zip(PROMPTS, ref)]
     print(f"{family}: max |logit - HF| per prompt: {diffs}")
     assert max(diffs) < 1e-4
     changes = [dict(sliding_window=1000)]
@@ -128,7 +112,7 @@ def test_logits_equal_transformers(case):
     for change in changes:
         other = Gemma(model.cfg.replace(**change), rngs=None)
         nnx.update(other, nnx.state(model))
-        assert np.abs(_logits(other, PROMPTS[2]) - ref[2]).max() > 0.05, change
+        assert np.abs(shardlm_logits(other, PROMPTS[2]) - ref[2]).max() > 0.05, change
 
 
 @pytest.mark.parametrize("case", ["gemma3"], indirect=True)  # its config has every Gemma field set
@@ -136,7 +120,7 @@ def test_shardlm_checkpoint_restores_config_and_logits(case, tmp_path):
     _, _, folder, ref, _ = case
     restored = loader.load(convert(folder, str(tmp_path / "ck")), dtype=None)
     assert restored.config == loader.read_config(folder)
-    assert np.abs(_logits(restored.model, PROMPTS[2]) - ref[2]).max() < 1e-4
+    assert np.abs(shardlm_logits(restored.model, PROMPTS[2]) - ref[2]).max() < 1e-4
 
 
 # gemma2: Gemma 3's test weights (q/k norms x 3: very sharp attention) amplify int8's error ~10x
@@ -147,7 +131,7 @@ def test_int8_quantizes_projections_not_norms(case):
     loaded = loader.load(folder, quantize="int8")
     quantized = {"/".join(map(str, path)) for path in quant.quantized_weights(loaded.model)}
     assert "layers/0/attn/q" in quantized and "embed" in quantized and not any("norm" in p for p in quantized)
-    diff = np.abs(_logits(loaded.model, PROMPTS[2]) - ref[2]).max()
+    diff = np.abs(shardlm_logits(loaded.model, PROMPTS[2]) - ref[2]).max()
     print(f"int8: max |logit - HF| {diff:.2e}")
     assert 0 < diff < 0.05
 
@@ -213,7 +197,7 @@ def test_gemma3_for_conditional_generation_loads_its_language_model(tmp_path):
     assert loaded.config.family == "gemma3" and loaded.config.layer_types[2] == "full_attention"
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([PROMPTS[2]])).logits[0].numpy()
-    assert np.abs(_logits(loaded.model, PROMPTS[2]) - ref).max() < 1e-4
+    assert np.abs(shardlm_logits(loaded.model, PROMPTS[2]) - ref).max() < 1e-4
 
 
 # ----- the window and the soft cap in paged attention -----

@@ -18,7 +18,7 @@ import test_gemma
 import test_moe
 import torch
 from flax import nnx
-from test_moe import _hf_greedy, _hf_logits, _logits
+from hf_reference import hf_greedy, hf_logits, shardlm_logits
 from test_qwen3 import SHAPES as QWEN3_SHAPES
 from test_qwen3 import _hf_qwen3
 
@@ -200,7 +200,7 @@ def case(request, tmp_path_factory):
     folder = str(tmp / "hf")
     model.save_pretrained(folder)
     path = write_gguf(model, str(tmp / "model.gguf"), arch)
-    return request.param, arch, model, folder, path, [_hf_logits(model, p) for p in PROMPTS]
+    return request.param, arch, model, folder, path, [hf_logits(model, p) for p in PROMPTS]
 
 
 def test_config_weights_and_counts_equal_hf_folder(case, capsys):
@@ -229,8 +229,8 @@ def test_logits_equal_transformers_and_hf_folder(case):
     """float32 logits of every prompt within 1e-4 of HF's (and of shardlm's from the HF folder)."""
     name, _, _, folder, path, ref = case
     model = loader.load(path).model
-    diffs = [float(np.abs(_logits(model, p) - r).max()) for p, r in zip(PROMPTS, ref)]
-    folder_diff = float(np.abs(_logits(model, PROMPTS[2]) - _logits(loader.load(folder).model, PROMPTS[2])).max())
+    diffs = [float(np.abs(shardlm_logits(model, p) - r).max()) for p, r in zip(PROMPTS, ref)]
+    folder_diff = float(np.abs(shardlm_logits(model, PROMPTS[2]) - shardlm_logits(loader.load(folder).model, PROMPTS[2])).max())
     print(f"{name}: max |GGUF logit - HF| per prompt {diffs}; - HF folder's {folder_diff:.2e}")
     assert max(diffs) < 1e-4 and folder_diff < 1e-4
 
@@ -246,7 +246,7 @@ def test_int8_from_gguf(case):
     quantized = {"/".join(map(str, p)) for p in quant.quantized_weights(loaded.model)}
     assert "layers/0/attn/q" in quantized and not any("norm" in p or p.endswith("router") for p in quantized)
     assert ("layers/0/mlp/gate" in quantized) and (name != "qwen2moe" or "layers/0/mlp/shared/up" in quantized)
-    diff = float(np.abs(_logits(loaded.model, PROMPTS[0]) - ref[0]).max())
+    diff = float(np.abs(shardlm_logits(loaded.model, PROMPTS[0]) - ref[0]).max())
     print(f"{name} int8 from GGUF: max |logit - HF| {diff:.2e}")
     assert 0 < diff < 0.1
 
@@ -266,7 +266,7 @@ def test_transformers_reads_the_same_gguf(case, tmp_path):
     folder, file = path.rsplit("/", 1)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, config=model.config,
                                                                dtype=torch.float32).eval()
-    diff = max(float(np.abs(_hf_logits(theirs, p) - r).max()) for p, r in zip(PROMPTS, ref))
+    diff = max(float(np.abs(hf_logits(theirs, p) - r).max()) for p, r in zip(PROMPTS, ref))
     print(f"{name}: max |transformers(GGUF) logit - HF| {diff:.2e}")
     assert diff < 1e-5
 
@@ -299,7 +299,7 @@ def test_greedy_tokens_equal_transformers(case):
     _, _, model, _, path, _ = case
     llm = LLM.load(path, max_num_seqs=len(PROMPTS), max_seq_len=128)
     out = llm.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, ignore_eos=True))
-    assert [c.token_ids for c in out] == [_hf_greedy(model, p, NEW) for p in PROMPTS]
+    assert [c.token_ids for c in out] == [hf_greedy(model, p, NEW) for p in PROMPTS]
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2moe"], indirect=True)

@@ -400,7 +400,7 @@ PROMPT = "The capital of France is Paris. Hello world 🙂"
 def test_llm_generate_from_text_equals_transformers(spm, capsys):
     """LLM.load on the GGUF and `shardlm generate`: the prompt's ids are transformers' (BOS added as the
     file says), the greedy tokens are HF's model's from those ids, the text is their decoding."""
-    from test_moe import _hf_greedy
+    from hf_reference import hf_greedy
 
     from shardlm.engine import SamplingParams
     from shardlm.engine.cli import main
@@ -414,7 +414,7 @@ def test_llm_generate_from_text_equals_transformers(spm, capsys):
     new = 8
     out = llm.generate([PROMPT], SamplingParams(max_new_tokens=new, ignore_eos=True))[0]
     assert out.prompt_token_ids == expected_ids
-    assert out.token_ids == _hf_greedy(model, expected_ids, new)
+    assert out.token_ids == hf_greedy(model, expected_ids, new)
     assert out.text == ref.decode(out.token_ids, skip_special_tokens=True)
     rc = main(["generate", "--model", path, "--json", "--quiet", "--max-new-tokens", str(new), "--ignore-eos",
                "--max-seq-len", "128", PROMPT])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_reference import hf_greedy, hf_logits, shardlm_logits
 from test_checkpoints import DROP, _edit_config
 from test_engine import stepwise_logits
 
@@ -74,23 +75,6 @@ def _save(model, folder) -> str:
     return str(folder)
 
 
-def _hf_greedy(model, prompt, n=NEW):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
-
-
-def _hf_logits(model, prompt):
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0].numpy()
-
-
-def _logits(model, prompt):
-    engine = Engine(model, batch_size=1, max_seq_len=model.cfg.max_seq_len)
-    return np.asarray(engine.forward(engine.params, [prompt])[0])
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     """(case name, HF model, saved folder)."""
@@ -102,8 +86,8 @@ def case(request, tmp_path_factory):
 def reference(case):
     """(folder, HF logits per prompt, HF greedy tokens per prompt)."""
     _, model, folder = case
-    logits = [_hf_logits(model, p) for p in PROMPTS]
-    greedy = [_hf_greedy(model, p) for p in PROMPTS]
+    logits = [hf_logits(model, p) for p in PROMPTS]
+    greedy = [hf_greedy(model, p, NEW) for p in PROMPTS]
     assert len({tuple(g) for g in greedy}) == len(PROMPTS)  # the prompts lead to different continuations
     return folder, logits, greedy
 
@@ -147,14 +131,14 @@ def test_logits_equal_transformers(reference, case):
     the logits are far off)."""
     folder, ref, _ = reference
     loaded = loader.load(folder)
-    diffs = [np.abs(_logits(loaded.model, p) - r).max() for p, r in zip(PROMPTS, ref)]
+    diffs = [np.abs(shardlm_logits(loaded.model, p) - r).max() for p, r in zip(PROMPTS, ref)]
     print(f"{case[0]}: max |logit - HF| per prompt: {diffs}")
     assert max(diffs) < 1e-4
     flipped = loader.load(folder)
     for layer in flipped.model.layers:
         if isinstance(layer.mlp, SparseMoE):
             layer.mlp.renormalise = not layer.mlp.renormalise
-    assert np.abs(_logits(flipped.model, PROMPTS[2]) - ref[2]).max() > 1e-2
+    assert np.abs(shardlm_logits(flipped.model, PROMPTS[2]) - ref[2]).max() > 1e-2
 
 
 @pytest.mark.slow
@@ -187,7 +171,7 @@ def test_prefill_then_decode_equals_full_forward(case):
     for _ in range(10):
         state, out = engine.generate(engine.params, state)
         tokens.append(int(out[1]))
-    full = _logits(model, tokens)
+    full = shardlm_logits(model, tokens)
     assert tokens[len(prompt):] == [int(t) for t in full[len(prompt) - 1:-1].argmax(-1)]
     np.testing.assert_allclose(np.asarray(prefix.logits), full[len(prompt) - 1], atol=2e-5, rtol=1e-5)
 
@@ -282,7 +266,7 @@ def test_int8_quantizes_the_experts(case):
     assert not any(p.endswith("router") for p in quantized)
     gate = loaded.model.layers[0].mlp.gate
     assert gate.values[...].dtype == jnp.int8 and gate.scale[...].shape == (loaded.config.n_experts, loaded.config.expert_d_ff)
-    diff = np.abs(_logits(loaded.model, PROMPTS[0]) - _hf_logits(model, PROMPTS[0])).max()
+    diff = np.abs(shardlm_logits(loaded.model, PROMPTS[0]) - hf_logits(model, PROMPTS[0])).max()
     print(f"{name} int8: max |logit - HF| {diff:.2e}")
     assert 0 < diff < 0.1  # int8 weights: close, not equal
 

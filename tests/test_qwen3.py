@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from hf_reference import hf_greedy, hf_logits, shardlm_logits
 from test_checkpoints import DROP, _edit_config
 from test_engine import stepwise_logits
 
@@ -61,18 +62,6 @@ def _save(model, folder) -> str:
     return str(folder)
 
 
-def _hf_greedy(model, prompt, n=NEW):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
-
-
-def _hf_logits(model, prompt):
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0].numpy()
-
-
 @pytest.fixture(scope="module", params=list(SHAPES))
 def case(request, tmp_path_factory):
     """(shape name, model, saved folder)."""
@@ -84,15 +73,10 @@ def case(request, tmp_path_factory):
 def reference(case):
     """(folder, HF logits per prompt, HF greedy tokens per prompt)."""
     _, model, folder = case
-    logits = [_hf_logits(model, p) for p in PROMPTS]
-    greedy = [_hf_greedy(model, p) for p in PROMPTS]
+    logits = [hf_logits(model, p) for p in PROMPTS]
+    greedy = [hf_greedy(model, p, NEW) for p in PROMPTS]
     assert len({tuple(g) for g in greedy}) == len(PROMPTS)  # the prompts lead to different continuations
     return folder, logits, greedy
-
-
-def _logits(model, prompt):
-    engine = Engine(model, batch_size=1, max_seq_len=model.cfg.max_seq_len)
-    return np.asarray(engine.forward(engine.params, [prompt])[0])
 
 
 def test_config_and_parameter_count(case):
@@ -114,18 +98,18 @@ def test_logits_equal_transformers(reference, tmp_path):
     shardlm checkpoint converted from it); the q/k norms' weights matter: set to ones, the logits are far off."""
     folder, ref, _ = reference
     loaded = loader.load(folder)
-    diffs = [np.abs(_logits(loaded.model, p) - r).max() for p, r in zip(PROMPTS, ref)]
+    diffs = [np.abs(shardlm_logits(loaded.model, p) - r).max() for p, r in zip(PROMPTS, ref)]
     print(f"max |logit - HF| per prompt: {diffs}")
     assert max(diffs) < 1e-4
 
     restored = loader.load(convert(folder, str(tmp_path / "ck")), dtype=None)
     assert restored.config == loaded.config and restored.config.qk_norm
-    np.testing.assert_allclose(_logits(restored.model, PROMPTS[2]), ref[2], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(shardlm_logits(restored.model, PROMPTS[2]), ref[2], atol=1e-4, rtol=0)
 
     for layer in loaded.model.layers:
         for norm in (layer.attn.q_norm, layer.attn.k_norm):
             norm.scale[...] = jnp.ones_like(norm.scale[...])
-    assert np.abs(_logits(loaded.model, PROMPTS[2]) - ref[2]).max() > 0.05
+    assert np.abs(shardlm_logits(loaded.model, PROMPTS[2]) - ref[2]).max() > 0.05
 
 
 @pytest.mark.slow
@@ -157,7 +141,7 @@ def test_prefill_then_decode_equals_full_forward(case):
     for _ in range(10):
         state, out = engine.generate(engine.params, state)
         tokens.append(int(out[1]))
-    full = _logits(model, tokens)
+    full = shardlm_logits(model, tokens)
     assert tokens[len(prompt):] == [int(t) for t in full[len(prompt) - 1:-1].argmax(-1)]
     np.testing.assert_allclose(np.asarray(prefix.logits), full[len(prompt) - 1], atol=2e-5, rtol=1e-5)
 
@@ -191,7 +175,7 @@ def test_int8_keeps_the_qk_norms_float(case):
     norm = loaded.model.layers[1].attn.k_norm.scale
     assert isinstance(norm, nnx.Param) and norm[...].dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(norm[...]), model.model.layers[1].self_attn.k_norm.weight.detach().numpy())
-    diff = np.abs(_logits(loaded.model, PROMPTS[0]) - _hf_logits(model, PROMPTS[0])).max()
+    diff = np.abs(shardlm_logits(loaded.model, PROMPTS[0]) - hf_logits(model, PROMPTS[0])).max()
     print(f"int8: max |logit - HF| {diff:.2e}")
     assert 0 < diff < 0.1  # int8 weights: close, not equal
 
@@ -297,16 +281,16 @@ def test_gguf_equals_hf_folder_and_transformers(case_name, tmp_path):
     # the same model but for the name and eps (GGUF holds it as float32)
     assert config.replace(name="", norm_eps=0.0) == hf_config.replace(name="", norm_eps=0.0)
     assert describe(path)["n_params"] == config.n_params == sum(p.numel() for p in model.parameters())
-    ref = _hf_logits(model, PROMPTS[2])
-    ours = _logits(loader.load(path).model, PROMPTS[2])
+    ref = hf_logits(model, PROMPTS[2])
+    ours = shardlm_logits(loader.load(path).model, PROMPTS[2])
     print(f"{case_name}: max |GGUF logit - HF| {np.abs(ours - ref).max():.2e}")
     assert np.abs(ours - ref).max() < 1e-4
     from_gguf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf",
                                                                   dtype=torch.float32).eval()
-    assert np.abs(_hf_logits(from_gguf, PROMPTS[2]) - ref).max() < 1e-5
+    assert np.abs(hf_logits(from_gguf, PROMPTS[2]) - ref).max() < 1e-5
     llm = LLM.load(path, batch_size=1, max_seq_len=128)
     assert llm.generate([PROMPTS[1]], SamplingParams(max_new_tokens=16, ignore_eos=True))[0].token_ids == \
-        _hf_greedy(model, PROMPTS[1], 16)
+        hf_greedy(model, PROMPTS[1], 16)
 
 
 def test_gguf_missing_qk_norm_tensor(tmp_path):
