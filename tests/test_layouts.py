@@ -71,8 +71,12 @@ def _check_equal(llm, reference, n_prompts):
     assert np.abs(_prompt_logits(llm) - logits).max() < LOGIT_TOL
 
 
+# The layouts a dense model runs (expert-parallel ones are for mixtures of experts: test_expert_parallel.py).
+DENSE_SHARDED = [name for name, layout in LAYOUTS.items() if name != "replicated" and not layout.expert_axes]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "replicated"])
+@pytest.mark.parametrize("layout", DENSE_SHARDED)
 def test_layout_gives_unsharded_tokens(base, reference, layout):
     """Batch 1 (4 prompts) under the layout in both phases, then a batch of 8 mixed-length prompts.
 
@@ -128,7 +132,7 @@ def _equal_to_one_device(cfg, model, mesh, layout, batch):
     return placement
 
 
-@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "replicated"])
+@pytest.mark.parametrize("layout", DENSE_SHARDED)
 @pytest.mark.slow
 def test_grouped_query_layouts_at_batch_8(layout):
     """Batch 8, so weight-gathered decode runs truly weight-gathered (on SmolLM2, XLA:CPU's weight
