@@ -1,5 +1,6 @@
 """Tests run on 8 virtual CPU devices; the flag must be set before JAX starts its backend."""
 
+import gc
 import os
 import shutil
 import tempfile
@@ -24,6 +25,18 @@ import pytest  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.environ["SHARDLM_COMPILE_CACHE"])
 
 from shardlm.checkpoints.loader import embedded_model_path  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """XLA:CPU maps each compiled kernel's code on its own (one SmolLM2 prefill and decode take
+    ~1,300 memory maps) and a process may hold 65,530 (vm.max_map_count): a worker that kept every
+    module's programs crashed in the compiler partway through the suite. Each module's programs
+    are freed when it ends (its fixtures are gone by then; the persistent cache makes a later
+    module's compile of the same program a read)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
