@@ -173,6 +173,18 @@ def test_layouts_equal_one_device(case, layout):
     assert [c.token_ids for c in out] == greedy
 
 
+@pytest.mark.slow
+def test_weight_gathered_layout_with_windows_equals_hf(case):
+    """weight_gathered_xyz on 8 virtual devices, 8 sequences (so decode too runs truly weight-gathered,
+    tokens split over every device): the sliding-window and global layers give HF's greedy tokens."""
+    _, _, folder, _, greedy = case
+    llm = LLM.load(folder, mesh_shape=MESH, layout="weight_gathered_xyz", max_num_seqs=8, max_seq_len=128,
+                   page_size=PAGE)
+    assert llm.layouts == ("weight_gathered_xyz", "weight_gathered_xyz")
+    out = llm.generate(PROMPTS + PROMPTS[:1] * 5, SamplingParams(max_new_tokens=NEW, ignore_eos=True))
+    assert [c.token_ids for c in out] == greedy + greedy[:1] * 5
+
+
 def test_pipeline_stages_refuse_mixed_layers(case):
     with pytest.raises(ValueError, match=r"pipeline stages need layers of one structure; layers \[\d"):
         LLM.load(case[2], mesh_shape={"stage": 2, "x": 4}, batch_size=1, max_seq_len=64)
