@@ -241,6 +241,21 @@ def _pope_mlp(layout, tokens, E, F, f32=4):
             "all-reduce": [local * f32]}
 
 
+def planner_and_compiled(cfg, layout, phase, batch, seq, compiled) -> list:
+    """(block, the compiled step's per-layer collectives {kind: [bytes]}, the planner's) for the
+    feed-forward and attention blocks; `compiled` is per_layer(compiled_collectives(...))."""
+    est = planner.estimate(cfg, "tpu-v4", MESH, phase, batch, seq, layout, "heads", weight_bytes=4, act_bytes=4)
+    out = []
+    for block in ("mlp", "attention"):
+        want = {}
+        for c in est.layer_collectives:
+            if c.block == block:
+                want.setdefault(c.kind, []).append(c.operand_bytes)
+        got = {kind: sizes for (b, kind), sizes in compiled.items() if b == block}
+        out.append((block, got, {k: sorted(v) for k, v in want.items()}))
+    return out
+
+
 @pytest.mark.parametrize("layout", ["1d_weight_stationary", "2d_weight_stationary", "weight_gathered_x",
                                     "weight_gathered_xy", "weight_gathered_xyz"])
 @pytest.mark.slow
@@ -252,14 +267,8 @@ def test_compiled_collectives_match_pope_and_planner(layout):
         compiled = per_layer(compiled_collectives(engine, phase))
         mlp = {kind: sizes for (block, kind), sizes in compiled.items() if block == "mlp"}
         assert mlp == _pope_mlp(layout, batch * seq, CFG.d_model, CFG.d_ff), phase
-        est = planner.estimate(CFG, "tpu-v4", MESH, phase, batch, seq, layout, "heads", weight_bytes=4, act_bytes=4)
-        for block in ("mlp", "attention"):
-            want = {}
-            for c in est.layer_collectives:
-                if c.block == block:
-                    want.setdefault(c.kind, []).append(c.operand_bytes)
-            got = {kind: sizes for (b, kind), sizes in compiled.items() if b == block}
-            assert got == {k: sorted(v) for k, v in want.items()}, (phase, block)
+        for block, got, want in planner_and_compiled(CFG, layout, phase, batch, seq, compiled):
+            assert got == want, (phase, block)
 
 
 @pytest.mark.slow

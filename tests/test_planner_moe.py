@@ -209,6 +209,8 @@ def _compiled_vs_planner(cfg, layout, monkeypatch):
     # The program TPU and GPU compile, whose experts run as ragged_dot (the planner's chips), not
     # XLA:CPU's scan over the experts (the same bytes, which XLA's combiner merges differently).
     monkeypatch.setattr(moe, "_on_cpu", lambda: False)
+    from test_layouts import planner_and_compiled
+
     from shardlm.sharding.collectives import compiled_collectives, per_layer
 
     placement = Placement.make(cfg, mesh_shape=MESH, layout=layout, batch_size=8)
@@ -216,14 +218,7 @@ def _compiled_vs_planner(cfg, layout, monkeypatch):
     out = []
     for phase, batch, seq in (("decode", 8, 1), ("prefill", 1, engine.buckets[0])):
         compiled = per_layer(compiled_collectives(engine, phase))
-        est = planner.estimate(cfg, "tpu-v4", MESH, phase, batch, seq, layout, "heads", weight_bytes=4, act_bytes=4)
-        for block in ("mlp", "attention"):
-            want = {}
-            for c in est.layer_collectives:
-                if c.block == block:
-                    want.setdefault(c.kind, []).append(c.operand_bytes)
-            got = {kind: sizes for (b, kind), sizes in compiled.items() if b == block}
-            out.append((phase, block, got, {k: sorted(v) for k, v in want.items()}))
+        out += [(phase, *row) for row in planner_and_compiled(cfg, layout, phase, batch, seq, compiled)]
     del engine
     jax.clear_caches()
     return out
