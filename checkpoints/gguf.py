@@ -105,7 +105,22 @@ class _Header:
             values = np.frombuffer(self.mem, dtype, n, self.at).tolist()
             self.at += n * dtype.itemsize
             return values
+        if item == _STRING:  # a vocabulary: ~100k strings, in one tight loop
+            return self._strings(n)
         return [self._value(item) for _ in range(n)]
+
+    def _strings(self, n: int) -> list[str]:
+        mem, at, end, out = self.mem, self.at, len(self.mem), []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(n):
+            (size,) = length(mem, at)
+            at += 8
+            if at + size > end:
+                raise ValueError("a string runs past the end of the file")
+            out.append(str(mem[at:at + size], "utf-8", "replace"))
+            at += size
+        self.at = at
+        return out
 
     def _tensor(self, name, dims, ggml_type, start) -> Tensor:
         import gguf
