@@ -359,8 +359,13 @@ class PagedEngine:
         # Zeroing the pools first-touches all their memory (on CPU ~3 s for 2 GiB of fresh host
         # memory, which JAX runs synchronously): a thread does it while the caller goes on (e.g.
         # tracing the first step); the first read or write of k or v waits for it.
+        # The pools' shapes and shardings are known before they exist, so a stored step program can be
+        # read back while the thread zeroes (`_pool_args`).
+        zero = init_pools_step.lower(self.decode_spec, self.num_pages, self.page_size).compile()
+        self._pool_shapes = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                         zero.out_info, zero.output_shardings)
         executor = concurrent.futures.ThreadPoolExecutor(1)
-        self._zeroed = executor.submit(init_pools_step, self.decode_spec, self.num_pages, self.page_size)
+        self._zeroed = executor.submit(zero)
         executor.shutdown(wait=False)
         # With a program store (programs.set_directory), each step's program is read back or compiled
         # once and stored, then called directly: (phase, bucket) -> jax.stages.Compiled.
@@ -371,6 +376,11 @@ class PagedEngine:
             self._k, self._v = self._zeroed.result()
             self._zeroed = None
         return self._k, self._v
+
+    def _pool_args(self):
+        """The pools, or while they are still being zeroed their shapes and shardings (enough to find
+        or compile a step's program)."""
+        return self._pool_shapes if self._zeroed is not None and not self._zeroed.done() else self._pools()
 
     def _set(self, name, pools):
         self._pools()  # a write before the zeroing finished must not be overwritten by it
@@ -415,7 +425,7 @@ class PagedEngine:
             return
         C = _pick(self.copy_buckets, len(copies))
         pairs = np.asarray(list(copies) + [copies[0]] * (C - len(copies)), np.int32)
-        self.k, self.v = self._run("copy", C, copy_pages_step, self.decode_spec, self.k, self.v, pairs[:, 0], pairs[:, 1])
+        self.k, self.v = self._run("copy", C, copy_pages_step, self.decode_spec, (), (pairs[:, 0], pairs[:, 1]))
 
     def prefill(self, params, batch: PrefillBatch, pool: PagePool):
         """Run the batch's chunks (their pages allocated in `pool`) in one packed row, each chunk from
@@ -447,9 +457,9 @@ class PagedEngine:
             at += max(-(-n // Q), c.rows) * Q
         rows += [None] * (Bp - len(rows))
         meta = PageMeta(slots, pool.page_table_array(rows, self.max_pages), pool.lengths_array(rows), block_seq, q_pos)
-        self.k, self.v, *out = self._run("prefill", T, paged_prefill_step, self.prefill_spec, params, self.k, self.v,
-                                         tokens, positions, meta, last, *_sampling(samplings, Bp),
-                                         _wants_logprobs(samplings))
+        self.k, self.v, *out = self._run("prefill", T, paged_prefill_step, self.prefill_spec, (params,),
+                                         (tokens, positions, meta, last, *_sampling(samplings, Bp),
+                                          _wants_logprobs(samplings)))
         return StepOutput(*out)
 
     def decode(self, params, batch: DecodeBatch, pool: PagePool):
@@ -468,9 +478,9 @@ class PagedEngine:
             slots[i] = pool.slot_mapping(seq_id, pos, 1)[0]
         tables, lens = pool.page_table_array(rows, self.max_pages), pool.lengths_array(rows)
         meta = PageMeta(slots, tables, lens, shared_pages=shared_prefix_pages(tables[:n], lens[:n], self.page_size))
-        self.k, self.v, *out = self._run("decode", B, paged_decode_step, self.decode_spec, params, self.k, self.v,
-                                         tokens, positions, meta, *_sampling(batch.samplings, B),
-                                         _wants_logprobs(batch.samplings))
+        self.k, self.v, *out = self._run("decode", B, paged_decode_step, self.decode_spec, (params,),
+                                         (tokens, positions, meta, *_sampling(batch.samplings, B),
+                                          _wants_logprobs(batch.samplings)))
         return StepOutput(*out)
 
     def prefill_rows(self, T: int) -> int:
@@ -505,18 +515,21 @@ class PagedEngine:
         fresh dense cache of T slots (in the pool's dtype), under the prefill rules."""
         return forward_step(self.prefill_spec, params, np.asarray(tokens, np.int32))
 
-    def _run(self, phase: str, bucket: int, jitted, static, *args):
-        """One step: jitted(static, *args), or with a program store its program read back or compiled
-        and stored once, then called directly (no tracing at all)."""
+    def _run(self, phase: str, bucket: int, jitted, static, lead: tuple, rest: tuple):
+        """One step: jitted(static, *lead, k, v, *rest), or with a program store its program read back
+        (while the pools are still being zeroed) or compiled and stored once, then called directly
+        (no tracing at all)."""
         if self._store is None:
-            return jitted(static, *args)
-        return self._program(phase, bucket, jitted, static, args)(*args)
+            return jitted(static, *lead, *self._pools(), *rest)
+        program = self._program(phase, bucket, jitted, static, (*lead, *self._pool_args(), *rest))
+        return program(*lead, *self._pools(), *rest)
 
     def _program(self, phase: str, bucket: int, jitted, static, args):
         """The store's program of one step for these arguments, kept for the engine's later steps."""
         # The pools come out of a step sharded by its own rules (prefill's and decode's may differ),
         # so each step has a program per pool sharding, as jit would.
-        key = (phase, bucket, jax.tree.leaves(self._k)[0].sharding)
+        pools = args[0] if phase == "copy" else args[1]
+        key = (phase, bucket, jax.tree.leaves(pools)[0].sharding)
         if key not in self._compiled:
             self._compiled[key] = self._store.compiled(phase, jitted, static, *args)
         return self._compiled[key]
@@ -528,12 +541,12 @@ class PagedEngine:
         if phase == "copy":
             C = bucket or 1
             pages = np.zeros(C, np.int32)
-            return copy_pages_step, self.decode_spec, (self.k, self.v, pages, pages), C
+            return copy_pages_step, self.decode_spec, (*self._pool_args(), pages, pages), C
         if phase == "decode":
             B = bucket or self.max_num_seqs
             meta = PageMeta(np.full(B, -1, np.int32), np.zeros((B, self.max_pages), np.int32), np.zeros(B, np.int32),
                             shared_pages=np.int32(0))
-            return paged_decode_step, self.decode_spec, (self.params, self.k, self.v, np.zeros(B, np.int32),
+            return paged_decode_step, self.decode_spec, (self.params, *self._pool_args(), np.zeros(B, np.int32),
                                                          np.zeros(B, np.int32), meta, *_sampling([], B),
                                                          np.bool_(False)), B
         if phase == "prefill":
@@ -541,7 +554,7 @@ class PagedEngine:
             Bp = self.prefill_rows(T)
             meta = PageMeta(np.full(T, -1, np.int32), np.zeros((Bp, self.max_pages), np.int32), np.zeros(Bp, np.int32),
                             np.full(T // self.query_block, -1, np.int32), np.full(T, -1, np.int32))
-            return paged_prefill_step, self.prefill_spec, (self.params, self.k, self.v, np.zeros((1, T), np.int32),
+            return paged_prefill_step, self.prefill_spec, (self.params, *self._pool_args(), np.zeros((1, T), np.int32),
                                                            np.zeros((1, T), np.int32), meta, np.zeros(Bp, np.int32),
                                                            *_sampling([], Bp), np.bool_(False)), T
         raise ValueError(f"phase must be decode, prefill or copy, got {phase!r}")

@@ -62,7 +62,8 @@ def source_digest() -> str:
 
 
 def _describe(leaf) -> str:
-    if isinstance(leaf, jax.Array):
+    # An array and its ShapeDtypeStruct (a pool still being zeroed) describe alike.
+    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
         return f"{leaf.shape}{leaf.dtype}{leaf.weak_type}{leaf.sharding}"
     return f"{type(leaf).__name__}{getattr(leaf, 'shape', ())}{getattr(leaf, 'dtype', '')}"
 
